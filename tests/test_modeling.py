@@ -1,0 +1,393 @@
+"""The model behaves like a transformers model: equivalences users rely on, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from codegpt import GPT, GPTConfig
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    kw = dict(
+        vocab_size=17,
+        seq_len=16,
+        embed_dim=32,
+        num_layers=2,
+        num_heads=4,
+        class_conditional=True,
+        num_classes=3,
+    )
+    kw.update(overrides)
+    return GPTConfig(**kw)
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides)).eval()
+
+
+def random_batch(config: GPTConfig, batch: int = 3, length: int | None = None, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    length = config.max_position_embeddings if length is None else length
+    ids = torch.randint(0, config.codebook_size, (batch, length), generator=g)
+    ids[:, 0] = config.start_token_id
+    classes = torch.randint(0, max(config.num_classes, 1), (batch,), generator=g)
+    return ids, (classes if config.class_conditional else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage and config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_seed_usage_verbatim():
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 999, (2, 1024))
+    labels = input_ids.clone()
+    classes = torch.tensor([3, 7])
+
+    from codegpt import GPT, GPTConfig
+
+    config = GPTConfig(vocab_size=1000, seq_len=1024, embed_dim=256, num_layers=8,
+                       class_conditional=True, num_classes=10)
+    model = GPT(config)
+    logits, loss = model(input_ids, labels=labels, classes=classes)
+
+    assert model.training  # like every torch module
+    assert logits.shape == (2, 1024, 1000)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    out = model(input_ids, labels=labels, classes=classes)
+    assert out.logits.shape == logits.shape and out["loss"].ndim == 0 and out[0] is out.loss
+    logits_only, no_loss = model.eval()(input_ids, classes=classes)
+    assert no_loss is None and logits_only.shape == logits.shape
+
+
+def test_config_standard_names_and_positions():
+    cfg = tiny_config()
+    assert cfg.hidden_size == 32 and cfg.num_hidden_layers == 2 and cfg.num_attention_heads == 4
+    assert cfg.max_position_embeddings == cfg.seq_len + 1
+    assert cfg.intermediate_size == 4 * 32
+    assert cfg.codebook_size == 16 and cfg.start_token_id == 16 and cfg.bos_token_id == 16
+    model = GPT(cfg)
+    assert model.wpe.num_embeddings == cfg.seq_len + 1
+    assert model.cls_emb.num_embeddings == cfg.num_classes + 1  # + the null class
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = tiny_config(mlp_dim=48, attn_dropout=0.05, class_dropout_prob=0.2, tie_word_embeddings=True,
+                      vocab_size=20, codebook_size=16, start_token_id=18)
+    cfg.save_pretrained(tmp_path)
+    loaded = GPTConfig.from_pretrained(tmp_path)
+    auto = AutoConfig.from_pretrained(tmp_path)
+    for c in (loaded, auto):
+        assert isinstance(c, GPTConfig)
+        for key in ("vocab_size", "seq_len", "embed_dim", "num_layers", "num_heads", "mlp_dim",
+                    "attn_dropout", "class_dropout_prob", "tie_word_embeddings", "codebook_size",
+                    "start_token_id", "num_classes", "class_conditional"):
+            assert getattr(c, key) == getattr(cfg, key), key
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "codegpt"
+    assert "max_position_embeddings" not in saved  # derived, never stored
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(embed_dim=30, num_heads=4), "embed_dim"),
+        (dict(num_classes=0), "num_classes"),
+        (dict(embd_dropout=1.0), "embd_dropout"),
+        (dict(attn_dropout=-0.1), "attn_dropout"),
+        (dict(resid_dropout=1.5), "resid_dropout"),
+        (dict(class_dropout_prob=1.0), "class_dropout_prob"),
+        (dict(start_token_id=17), "start_token_id"),
+        (dict(start_token_id=3), "start_token_id"),  # a code id cannot be the start token
+        (dict(codebook_size=17), "codebook_size"),
+        (dict(vocab_size=1), "vocab_size"),
+        (dict(seq_len=0), "seq_len"),
+        (dict(num_layers=0), "num_layers"),
+        (dict(num_heads=2.0), "num_heads"),
+        (dict(initializer_range=0.0), "initializer_range"),
+        (dict(layer_norm_eps=-1e-5), "layer_norm_eps"),
+        (dict(mlp_dim=0), "mlp_dim"),
+    ],
+)
+def test_config_rejects_invalid_values(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_invalid_config_json_is_rejected_on_load(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["num_heads"] = 5
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="num_heads"):
+        GPTConfig.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical equivalences
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_eager_matches_sdpa(conditional):
+    model = tiny_model(class_conditional=conditional, num_classes=3 if conditional else 0)
+    ids, classes = random_batch(model.config)
+    model.config._attn_implementation = "sdpa"
+    sdpa_logits = model(ids, classes=classes).logits
+    model.config._attn_implementation = "eager"
+    eager_out = model(ids, classes=classes, output_attentions=True)
+    torch.testing.assert_close(eager_out.logits, sdpa_logits, rtol=0, atol=1e-5)
+    # and after a past of 5 tokens, with 4 new ones (explicit-mask path)
+    for impl in ("eager", "sdpa"):
+        model.config._attn_implementation = impl
+        past = model(ids[:, :5], classes=classes, use_cache=True).cache
+        chunk = model(ids[:, 5:9], classes=classes, cache=past).logits
+        torch.testing.assert_close(chunk, sdpa_logits[:, 5:9], rtol=0, atol=1e-5)
+
+
+def test_attn_implementation_selectable_at_load(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    for impl in ("eager", "sdpa"):
+        m = GPT.from_pretrained(tmp_path, attn_implementation=impl)
+        assert m.config._attn_implementation == impl
+
+
+def test_cached_incremental_matches_full_forward():
+    model = tiny_model()
+    ids, classes = random_batch(model.config)
+    full = model(ids, classes=classes).logits
+    # one token at a time
+    cache, steps = None, []
+    for t in range(ids.shape[1]):
+        out = model(ids[:, t : t + 1], classes=classes, cache=cache, use_cache=True)
+        cache = out.cache
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    # in uneven chunks, through the legacy keyword
+    cache, chunks = None, []
+    for a, b in ((0, 3), (3, 4), (4, 11), (11, 17)):
+        out = model(ids[:, a:b], classes=classes, past_key_values=cache, use_cache=True)
+        cache = out.cache
+        chunks.append(out.logits)
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=0, atol=1e-5)
+
+
+def test_padding_mask_matches_unpadded_row():
+    model = tiny_model()
+    ids, classes = random_batch(model.config, batch=2, length=8)
+    pad = 3
+    padded = torch.cat([torch.zeros(2, pad, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(2, pad, dtype=torch.long), torch.ones(2, 8, dtype=torch.long)], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    for impl in ("eager", "sdpa"):
+        model.config._attn_implementation = impl
+        out = model(padded, classes=classes, attention_mask=mask, position_ids=positions).logits
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out[:, pad:], model(ids, classes=classes).logits, rtol=0, atol=1e-5)
+
+
+def test_hidden_states_and_attentions():
+    model = tiny_model()
+    ids, classes = random_batch(model.config, length=6)
+    out = model(ids, classes=classes, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == model.config.num_layers + 1
+    assert all(h.shape == (3, 6, 32) for h in out.hidden_states)
+    assert len(out.attentions) == model.config.num_layers
+    att = out.attentions[0]
+    assert att.shape == (3, 4, 6, 6)
+    torch.testing.assert_close(att.sum(-1), torch.ones(3, 4, 6))
+    assert torch.all(att.triu(1) == 0)  # causal
+
+
+def test_class_changes_output_and_none_is_null_class():
+    model = tiny_model()
+    ids, _ = random_batch(model.config, batch=2)
+    a = model(ids, classes=torch.tensor([0, 0])).logits
+    b = model(ids, classes=torch.tensor([1, 1])).logits
+    assert not torch.allclose(a, b)
+    null = torch.full((2,), model.null_class)
+    torch.testing.assert_close(model(ids).logits, model(ids, classes=null).logits, rtol=0, atol=0)
+
+
+def test_loss_is_mean_cross_entropy_over_counted_targets():
+    model = tiny_model()
+    ids, classes = random_batch(model.config)
+    labels = ids.clone()
+    labels[0, 5:9] = -100
+    labels[2, -1] = -100
+    logits, loss = model(ids, labels=labels, classes=classes)
+    # labels are aligned with input_ids: position t predicts labels[t + 1]; the start token never is a target
+    per_token, counted = [], 0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            target = labels[b, t + 1]
+            if target != -100:
+                per_token.append(-F.log_softmax(logits[b, t], -1)[target])
+                counted += 1
+    expected = torch.stack(per_token).mean()
+    assert counted == 3 * 16 - 4 - 1
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    ids, classes = random_batch(tiny_config())
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = tiny_model().train()  # dropout on: checkpointing must replay the same RNG
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        torch.manual_seed(123)
+        model(ids, labels=ids, classes=classes).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_load_round_trip_through_auto_classes(tmp_path, tie):
+    model = tiny_model(tie_word_embeddings=tie)
+    ids, classes = random_batch(model.config)
+    expected = model(ids, classes=classes).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"] == {
+        "AutoConfig": "configuration_codegpt.GPTConfig",
+        "AutoModel": "modeling_codegpt.GPT",
+        "AutoModelForCausalLM": "modeling_codegpt.GPT",
+    }
+    for name in ("configuration_codegpt.py", "modeling_codegpt.py", "model.safetensors"):
+        assert (tmp_path / name).is_file()
+    for cls in (GPT, AutoModel, AutoModelForCausalLM):
+        loaded = cls.from_pretrained(tmp_path)
+        assert isinstance(loaded, GPT) and not loaded.training
+        assert torch.equal(loaded(ids, classes=classes).logits, expected)
+        assert (loaded.lm_head.weight is loaded.wte.weight) == tie
+        assert torch.equal(loaded.causal_mask, torch.ones_like(loaded.causal_mask).tril())
+        assert loaded.generation_config.suppress_tokens == [16]
+
+
+def test_init_is_gpt2_style():
+    model = GPT(GPTConfig(vocab_size=257, seq_len=64, embed_dim=128, num_layers=4, num_heads=4))
+    std = model.config.initializer_range
+    assert abs(model.wte.weight.std().item() - std) < 0.002
+    assert abs(model.h[0].attn.qkv.weight.std().item() - std) < 0.002
+    scaled = std / (2 * 4) ** 0.5
+    assert abs(model.h[0].mlp.proj.weight.std().item() - scaled) < 0.001
+    assert abs(model.h[0].attn.proj.weight.std().item() - scaled) < 0.001
+    assert torch.all(model.h[0].attn.qkv.bias == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers integration: generate and Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_model_generate_greedy_cache_equals_no_cache(conditional):
+    model = tiny_model(class_conditional=conditional, num_classes=3 if conditional else 0)
+    kwargs = dict(classes=torch.tensor([0, 2])) if conditional else dict(
+        input_ids=torch.full((2, 1), model.config.start_token_id)
+    )
+    with_cache = model.generate(**kwargs, do_sample=False)
+    without = model.generate(**kwargs, do_sample=False, use_cache=False)
+    assert with_cache.shape == (2, model.config.seq_len + 1)  # exactly one image
+    assert torch.equal(with_cache, without)
+    assert (with_cache[:, 0] == model.config.start_token_id).all()
+    assert (with_cache[:, 1:] < model.config.codebook_size).all()
+
+
+def test_model_generate_never_samples_special_tokens():
+    model = tiny_model(vocab_size=19, codebook_size=16)  # ids 16 (start), 17, 18 are special
+    with torch.no_grad():
+        # Make every special id overwhelmingly likely: without suppression, sampling would pick one.
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[16:] = 5.0
+    torch.manual_seed(0)
+    out = model.generate(classes=torch.tensor([0, 1, 2, 0]), do_sample=True, top_k=0)
+    assert (out[:, 1:] < 16).all()
+
+
+def test_trainer_with_gradient_accumulation_logs_mean_loss(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model().train()
+    ids, classes = random_batch(model.config, batch=8, seed=5)
+    rows = [{"input_ids": ids[i], "labels": ids[i], "classes": classes[i]} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, seed=0, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2
+    # A fresh model's loss is about ln(vocab); the sum of two micro-batches would be about twice that.
+    assert all(abs(loss - torch.log(torch.tensor(17.0)).item()) < 0.6 for loss in losses), losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors before any compute
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cond_model():
+    return tiny_model()
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda ids, c: dict(input_ids=ids.float(), classes=c), TypeError, "input_ids"),
+        (lambda ids, c: dict(input_ids=ids - 1, classes=c), ValueError, "input_ids"),  # -1
+        (lambda ids, c: dict(input_ids=ids.clamp(max=0) + 17, classes=c), ValueError, "input_ids"),
+        (lambda ids, c: dict(input_ids=torch.cat([ids, ids], 1), classes=c), ValueError, "too long"),
+        (lambda ids, c: dict(input_ids=ids[0], classes=c), ValueError, "input_ids"),
+        (lambda ids, c: dict(input_ids=ids, classes=c + 3), ValueError, "classes"),
+        (lambda ids, c: dict(input_ids=ids, classes=c - 5), ValueError, "classes"),
+        (lambda ids, c: dict(input_ids=ids, classes=c[:2]), ValueError, "classes"),
+        (lambda ids, c: dict(input_ids=ids, classes=c.float()), TypeError, "classes"),
+        (lambda ids, c: dict(input_ids=ids, classes=[0, 1, 2]), TypeError, "classes"),
+        (lambda ids, c: dict(input_ids=ids, classes=c, labels=ids[:, :-1]), ValueError, "labels"),
+        (lambda ids, c: dict(input_ids=ids, classes=c, labels=ids + 100), ValueError, "labels"),
+        (lambda ids, c: dict(input_ids=ids, classes=c, attention_mask=torch.ones(3, 4)), ValueError,
+         "attention_mask"),
+    ],
+)
+def test_bad_input_raises_clear_error(cond_model, make, error, match):
+    ids, classes = random_batch(cond_model.config)
+    with pytest.raises(error, match=match):
+        cond_model(**make(ids, classes))
+
+
+def test_classes_on_unconditional_model_is_rejected():
+    model = tiny_model(class_conditional=False, num_classes=0)
+    ids, _ = random_batch(model.config)
+    with pytest.raises(ValueError, match="unconditional"):
+        model(ids, classes=torch.tensor([0, 0, 0]))
+
+
+def test_too_long_after_cache_is_rejected(cond_model):
+    ids, classes = random_batch(cond_model.config)
+    cache = cond_model(ids[:, :10], classes=classes, use_cache=True).cache
+    with pytest.raises(ValueError, match="too long"):
+        cond_model(ids[:, :8], classes=classes, cache=cache)
