@@ -179,6 +179,12 @@ class GPTPreTrainedModel(PreTrainedModel):
     # **kwargs) and log the sum of micro-batch losses.
     accepts_loss_kwargs = False
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the source text (it looks for its AttentionInterface); our
+        # attention reads config._attn_implementation at every call, so switching is always safe.
+        return True
+
     def _init_weights(self, module: nn.Module) -> None:
         # torch.nn.init (not .data.normal_()): transformers guards these during from_pretrained, so
         # loaded weights are never overwritten.

@@ -157,6 +157,8 @@ def test_attn_implementation_selectable_at_load(tmp_path):
     for impl in ("eager", "sdpa"):
         m = GPT.from_pretrained(tmp_path, attn_implementation=impl)
         assert m.config._attn_implementation == impl
+    m.set_attn_implementation("eager")  # switching after load works too
+    assert m.config._attn_implementation == "eager"
 
 
 def test_cached_incremental_matches_full_forward():
