@@ -320,7 +320,9 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
             if classes.dtype.is_floating_point or classes.dtype == torch.bool:
                 raise TypeError(f"classes must be an integer tensor, got dtype {classes.dtype}")
             if classes.shape != (B,):
-                raise ValueError(f"classes must have shape ({B},) (one per row of input_ids), got {tuple(classes.shape)}")
+                raise ValueError(
+                    f"classes must have shape ({B},) (one per row of input_ids), got {tuple(classes.shape)}"
+                )
             clo, chi = int(classes.min()), int(classes.max())
             if clo < 0 or chi > cfg.num_classes:
                 raise ValueError(

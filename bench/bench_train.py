@@ -1,0 +1,95 @@
+"""Training-step benchmark: codegpt's GPT against transformers' GPT2LMHeadModel of identical shape.
+
+One step is forward + backward + AdamW on a full-length batch (start token + every code). Both models
+get the same dropout, the same threads and the same batch; every contender is warmed up first, then
+rounds are interleaved and the median of the per-round time ratios is reported, with peak memory.
+
+    python bench/bench_train.py                  # fp32 and bf16 autocast, both shapes
+    python bench/bench_train.py --rounds 9 --precision fp32 --shape seed
+
+Refuses to report while other processes load the machine (see ``_harness.machine_is_idle``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import check_idle_or_exit, interleaved_medians, peak_memory_mb  # noqa: E402
+
+from codegpt import GPT, GPTConfig  # noqa: E402
+
+SHAPES = {
+    # name: (vocab, codes per image, embed, layers, heads, batch)
+    "seed": (1025, 1024, 256, 8, 8, 4),
+    "wide": (1025, 256, 512, 8, 8, 16),
+}
+
+
+def build_models(vocab: int, seq_len: int, embed: int, layers: int, heads: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(vocab_size=vocab, seq_len=seq_len, embed_dim=embed, num_layers=layers,
+                         num_heads=heads, embd_dropout=0.1, attn_dropout=0.0, resid_dropout=0.1))
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=vocab, n_positions=seq_len + 1, n_embd=embed, n_layer=layers, n_head=heads,
+        embd_pdrop=0.1, attn_pdrop=0.0, resid_pdrop=0.1, tie_word_embeddings=False,
+        bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+    ))
+    gpt2.config._attn_implementation = "sdpa"
+    return {"codegpt": ours.train(), "gpt2": gpt2.train()}
+
+
+def make_step(model: torch.nn.Module, ids: torch.Tensor, precision: str):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+    def step() -> None:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        with ctx:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "all"], default="all")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--force", action="store_true", help="report even when the machine is busy")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    check_idle_or_exit(args.force)
+
+    shapes = list(SHAPES) if args.shape == "all" else [args.shape]
+    precisions = ["fp32", "bf16"] if args.precision == "all" else [args.precision]
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds, median ratio")
+    print("| shape | precision | codegpt step (s) | GPT2 step (s) | time ratio | codegpt peak MB | GPT2 peak MB |")
+    print("|---|---|---|---|---|---|---|")
+    for name in shapes:
+        vocab, seq_len, embed, layers, heads, batch = SHAPES[name]
+        ids = torch.randint(0, vocab - 1, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+        ids[:, 0] = vocab - 1
+        for precision in precisions:
+            models = build_models(vocab, seq_len, embed, layers, heads)
+            steps = {k: make_step(m, ids, precision) for k, m in models.items()}
+            peaks = {k: peak_memory_mb(s) for k, s in steps.items()}  # also a warm-up step each
+            med, ratio = interleaved_medians(steps, args.rounds, baseline="gpt2", warmup=1)
+            print(f"| {name} {vocab}x{seq_len} e{embed} L{layers} B{batch} | {precision} | "
+                  f"{med['codegpt']:.3f} | {med['gpt2']:.3f} | {ratio['codegpt']:.3f} | "
+                  f"{peaks['codegpt']:.0f} | {peaks['gpt2']:.0f} |", flush=True)
+    check_idle_or_exit(args.force, when="after")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,673 @@
+"""Post-hoc codebooks: k-means over vectors of any dimension, and the encode/decode between them.
+
+A codebook maps a D-dimensional vector (an autoencoder's latent, or a flattened pixel patch) to the
+index of its nearest centroid, and an index back to that centroid. The prior only ever sees the
+indices. `Codebook.fit` learns the centroids with mini-batch k-means, so data larger than memory can
+stream through; `Codebook.from_centroids` wraps the codebook of an already trained VQ-VAE/VQGAN.
+
+Saved folders hold `model.safetensors` (the centroids) and `config.json` (size, dimension, metric,
+seed, description); loading reads safetensors only, never a pickle.
+
+Example::
+
+    codebook = Codebook.fit(latents, num_codes=512, seed=0)   # latents: (..., D)
+    codes = codebook.encode(latents)                          # (...)
+    codebook.save_pretrained("my-codebook")
+    codebook = Codebook.from_pretrained("my-codebook")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+__all__ = ["Codebook", "CodebookStats", "FitInfo"]
+
+METRICS = ("euclidean", "cosine")
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT = "codegpt.codebook"
+FORMAT_VERSION = 1
+
+# Distance matrices are built chunk by chunk so that encoding any number of vectors needs at most
+# this many float elements (64 MiB in fp32) of scratch memory.
+_DISTANCE_BUDGET = 1 << 24
+
+# Counts carry over from one epoch to the next scaled by this factor. At 1 (classic mini-batch
+# k-means) the step size 1/count keeps shrinking, so centroids freeze early and keep the mistakes of
+# the first epochs; at 0 each epoch's first batch alone sets a centroid, which is noisy. 0.2 reached
+# Lloyd-quality inertia on the digits patches at every batch size tried (1k to 32k).
+_COUNT_DECAY = 0.2
+
+Batches = torch.Tensor | np.ndarray | Iterable[Any] | Callable[[], Iterable[Any]]
+
+
+@dataclass
+class FitInfo:
+    """How a `Codebook.fit` run went."""
+
+    epochs: int
+    steps: int
+    converged: bool
+    reseeded: int  # dead codes moved onto badly served data points, over the whole run
+    seconds: float
+    mse: list[float] = field(default_factory=list)  # per epoch, at assignment time
+
+
+@dataclass
+class CodebookStats:
+    """Usage and quality of a codebook over some vectors (see `Codebook.stats`)."""
+
+    counts: torch.Tensor  # (num_codes,) how many vectors each code serves
+    perplexity: float  # exp(entropy of the usage); num_codes when every code is used equally
+    dead_codes: int  # codes that serve no vector
+    mse: float  # mean squared error per element between the vectors and their decoded codes
+    num_vectors: int
+
+
+class Codebook(
+    torch.nn.Module,
+    PyTorchModelHubMixin,
+    library_name="codegpt",
+    tags=["codegpt", "codebook", "vector-quantization", "k-means"],
+):
+    """`num_codes` centroids of dimension `dim`; code i is the index of centroid i.
+
+    Args:
+        num_codes: number of codes K (codes are 0..K-1; a prior over them needs K+1 tokens).
+        dim: dimension D of the vectors.
+        metric: "euclidean" (nearest centroid) or "cosine" (vectors and centroids are
+            L2-normalised first, so `decode` returns unit vectors).
+        seed: the seed the centroids were fitted with, kept for the record.
+        description: free text saying what the vectors are (which autoencoder, which layer,
+            which patch size), so a saved codebook says what it can decode.
+    """
+
+    centroids: torch.Tensor
+
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        metric: str = "euclidean",
+        seed: int | None = None,
+        description: str = "",
+    ) -> None:
+        super().__init__()
+        _check_int("num_codes", num_codes, low=1)
+        _check_int("dim", dim, low=1)
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if seed is not None:
+            _check_int("seed", seed, low=0)
+        if not isinstance(description, str):
+            raise TypeError(f"description must be a str, got {type(description).__name__}")
+        self.num_codes = num_codes
+        self.dim = dim
+        self.metric = metric
+        self.seed = seed
+        self.description = description
+        self.fit_info: FitInfo | None = None
+        self.register_buffer("centroids", torch.zeros(num_codes, dim))
+
+    def extra_repr(self) -> str:
+        return f"num_codes={self.num_codes}, dim={self.dim}, metric={self.metric!r}"
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_centroids(
+        cls, centroids: torch.Tensor, metric: str = "euclidean", description: str = ""
+    ) -> Codebook:
+        """Wrap existing centroids (K, D), e.g. the embedding table of a trained VQ-VAE."""
+        centroids = _as_float_tensor("centroids", centroids)
+        if centroids.ndim != 2:
+            raise ValueError(
+                f"centroids must have shape (num_codes, dim), got {tuple(centroids.shape)}"
+            )
+        _check_finite("centroids", centroids)
+        codebook = cls(centroids.shape[0], centroids.shape[1], metric=metric,
+                       description=description)
+        codebook.centroids = _normalise(centroids, metric).clone()
+        return codebook
+
+    @classmethod
+    def fit(
+        cls,
+        data: Batches,
+        num_codes: int,
+        *,
+        metric: str = "euclidean",
+        batch_size: int = 4096,
+        max_epochs: int = 100,
+        tol: float = 1e-4,
+        init: torch.Tensor | None = None,
+        init_size: int | None = None,
+        reseed_after: int = 10,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        description: str = "",
+        progress: bool = True,
+    ) -> Codebook:
+        """Fit `num_codes` centroids to `data` with mini-batch k-means.
+
+        Args:
+            data: the vectors. Either one tensor/array of shape (..., D), shuffled into batches of
+                `batch_size` each epoch; or batches of shape (..., D) for data that does not fit in
+                memory: a callable returning a fresh iterable of batches (one call per epoch), a
+                re-iterable (list, DataLoader), or a one-shot iterator (then only one epoch runs).
+                Streams should be shuffled: k-means++ seeds from the first `init_size` vectors.
+            num_codes: K, at least 1 and at most the number of vectors.
+            metric: "euclidean" or "cosine".
+            batch_size: vectors per update when `data` is a tensor.
+            max_epochs: passes over the data at most.
+            tol: stop once an epoch moves the centroids by at most `tol` (mean squared shift,
+                relative to the data's variance) and re-seeds no dead code.
+            init: (K, D) starting centroids instead of k-means++.
+            init_size: how many vectors k-means++ seeds from (default max(20 K, 10 000)).
+            reseed_after: a code that wins no vector for this many consecutive batches is dead and
+                moves onto a vector its nearest centroid serves badly (drawn with probability
+                proportional to the squared error).
+            seed: seeds every random choice (k-means++, shuffling, re-seeding); None draws one
+                from torch's global generator. It is stored in the codebook either way.
+            device: where to compute; default the device of `data` (or of its first batch).
+            description: free text stored with the codebook: what the vectors are.
+            progress: show a tqdm progress bar.
+
+        Returns:
+            The fitted codebook, with `fit_info` (a `FitInfo`) attached.
+        """
+        _check_int("num_codes", num_codes, low=1)
+        _check_int("batch_size", batch_size, low=1)
+        _check_int("max_epochs", max_epochs, low=1)
+        _check_int("reseed_after", reseed_after, low=1)
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        if not isinstance(description, str):
+            raise TypeError(f"description must be a str, got {type(description).__name__}")
+        if init_size is None:
+            init_size = max(20 * num_codes, 10_000)
+        _check_int("init_size", init_size, low=num_codes)
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        _check_int("seed", seed, low=0)
+
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed)
+        source = _BatchSource(data, batch_size, generator, device)
+        if source.num_vectors is not None and num_codes > source.num_vectors:
+            raise ValueError(
+                f"num_codes must be in [1, {source.num_vectors}] (the number of vectors), "
+                f"got {num_codes}"
+            )
+        sample = source.sample(init_size)
+        dim = sample.shape[1]
+        sample = _normalise(sample, metric)
+        if init is not None:
+            init = _as_float_tensor("init", init)
+            if init.shape != (num_codes, dim):
+                raise ValueError(
+                    f"init must have shape (num_codes, dim) = {(num_codes, dim)}, "
+                    f"got {tuple(init.shape)}"
+                )
+            _check_finite("init", init)
+            centroids = _normalise(init.to(sample), metric).clone()
+        else:
+            if sample.shape[0] < num_codes:
+                raise ValueError(
+                    f"num_codes must be in [1, {sample.shape[0]}] (the number of vectors in "
+                    f"the stream), got {num_codes}"
+                )
+            centroids = _kmeans_plus_plus(sample, num_codes, generator)
+        # Relative tolerance: a shift means nothing without the scale of the data.
+        scale = float(sample.var(dim=0, unbiased=False).sum()) if sample.shape[0] > 1 else 0.0
+        scale = scale if scale > 0 else 1.0
+        del sample
+
+        counts = torch.zeros(num_codes, dtype=centroids.dtype, device=centroids.device)
+        idle = torch.zeros(num_codes, dtype=torch.long, device=centroids.device)
+        info = FitInfo(epochs=0, steps=0, converged=False, reseeded=0, seconds=0.0)
+        total = None if source.batches_per_epoch is None else source.batches_per_epoch * max_epochs
+        bar = tqdm(total=total, desc="k-means", unit="batch", disable=not progress)
+        try:
+            for epoch in range(max_epochs):
+                previous = centroids.clone()
+                counts *= _COUNT_DECAY
+                sq_error, seen, reseeded = 0.0, 0, 0
+                for x in source.epoch():
+                    x = _normalise(x, metric)
+                    codes, dist = _assign(x, centroids)
+                    reseeded += _update(x, codes, dist, centroids, counts, idle, reseed_after,
+                                        generator, metric)
+                    sq_error += float(dist.sum())
+                    seen += x.shape[0]
+                    info.steps += 1
+                    bar.update(1)
+                if seen == 0:
+                    raise ValueError("data yielded no vectors in an epoch")
+                info.epochs = epoch + 1
+                info.reseeded += reseeded
+                info.mse.append(sq_error / (seen * dim))
+                shift = float((centroids - previous).pow(2).sum(dim=1).mean()) / scale
+                bar.set_postfix(mse=f"{info.mse[-1]:.4g}", shift=f"{shift:.2e}")
+                if shift <= tol and reseeded == 0:
+                    info.converged = True
+                    break
+                if not source.repeatable:
+                    break
+        finally:
+            bar.close()
+        info.seconds = time.perf_counter() - start
+
+        codebook = cls(num_codes, dim, metric=metric, seed=seed, description=description)
+        codebook.centroids = centroids
+        codebook.fit_info = info
+        return codebook
+
+    # ------------------------------------------------------------------ encode / decode
+
+    @torch.no_grad()
+    def encode(self, vectors: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Nearest-centroid codes: (..., D) -> (...) int64, on the input's device."""
+        vectors = _as_float_tensor("vectors", vectors)
+        self._check_vectors(vectors)
+        out_device = vectors.device
+        flat = _normalise(vectors.reshape(-1, self.dim).to(self.centroids), self.metric)
+        codes = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+        for begin, end in _chunks(flat.shape[0], self.num_codes):
+            codes[begin:end] = _assign(flat[begin:end], self.centroids)[0]
+        return codes.reshape(vectors.shape[:-1]).to(out_device)
+
+    forward = encode
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Centroids of `codes`: (...) integers in [0, num_codes) -> (..., D)."""
+        if isinstance(codes, np.ndarray):
+            codes = torch.from_numpy(codes)
+        if not isinstance(codes, torch.Tensor):
+            raise TypeError(
+                f"codes must be a torch.Tensor or numpy array, got {type(codes).__name__}"
+            )
+        if codes.dtype == torch.bool or codes.is_floating_point() or codes.is_complex():
+            raise TypeError(f"codes must hold integers, got dtype {codes.dtype}")
+        _check_codes("codes", codes, self.num_codes)
+        return self.centroids[codes.to(self.centroids.device, torch.long)].to(codes.device)
+
+    @torch.no_grad()
+    def stats(self, vectors: torch.Tensor | np.ndarray) -> CodebookStats:
+        """Code usage, perplexity, dead codes and reconstruction MSE over `vectors` (..., D).
+
+        With the cosine metric the error is measured against the L2-normalised vectors.
+        """
+        vectors = _as_float_tensor("vectors", vectors)
+        self._check_vectors(vectors)
+        flat = vectors.reshape(-1, self.dim)
+        if flat.shape[0] == 0:
+            raise ValueError("vectors must hold at least one vector, got shape "
+                             f"{tuple(vectors.shape)}")
+        counts = torch.zeros(self.num_codes, dtype=torch.long, device=self.centroids.device)
+        sq_error = 0.0
+        for begin, end in _chunks(flat.shape[0], self.num_codes):
+            x = _normalise(flat[begin:end].to(self.centroids), self.metric)
+            codes, dist = _assign(x, self.centroids)
+            counts += torch.bincount(codes, minlength=self.num_codes)
+            # Exact error from the decoded vectors; the expanded-square distance may cancel.
+            sq_error += float((x - self.centroids[codes]).pow(2).sum())
+        p = counts.double() / flat.shape[0]
+        entropy = -float((p[p > 0] * p[p > 0].log()).sum())
+        return CodebookStats(
+            counts=counts.cpu(),
+            perplexity=math.exp(entropy),
+            dead_codes=int((counts == 0).sum()),
+            mse=sq_error / flat.numel(),
+            num_vectors=flat.shape[0],
+        )
+
+    def _check_vectors(self, vectors: torch.Tensor) -> None:
+        if vectors.ndim == 0 or vectors.shape[-1] != self.dim:
+            raise ValueError(
+                f"vectors must have shape (..., {self.dim}) (the codebook's dim), "
+                f"got {tuple(vectors.shape)}"
+            )
+        _check_finite("vectors", vectors)
+
+    # ------------------------------------------------------------------ save / load
+
+    def config_dict(self) -> dict[str, Any]:
+        """The JSON metadata written next to the centroids."""
+        config: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "num_codes": self.num_codes,
+            "dim": self.dim,
+            "metric": self.metric,
+            "seed": self.seed,
+            "description": self.description,
+        }
+        if self.fit_info is not None:
+            config["fit"] = {
+                "epochs": self.fit_info.epochs,
+                "converged": self.fit_info.converged,
+                "mse": self.fit_info.mse[-1] if self.fit_info.mse else None,
+            }
+        return config
+
+    def save_pretrained(  # type: ignore[override]
+        self,
+        save_directory: str | Path,
+        *,
+        config: dict | None = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
+        """Save `model.safetensors`, `config.json` and (if absent) a README model card.
+
+        The files are written in a temporary folder inside `save_directory` and moved into place
+        with `os.replace`, config last, so a kill mid-save leaves the old files or the new ones,
+        never a half-written file. `config` entries are added to the metadata (they cannot
+        override it). `push_to_hub=True` then uploads the folder (see `push_to_hub`).
+        """
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        full_config = {**(config or {}), **self.config_dict()}
+        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-codebook-") as tmp:
+            super().save_pretrained(tmp, config=full_config, model_card_kwargs=model_card_kwargs)
+            readme = save_directory / "README.md"
+            if not readme.exists():
+                os.replace(Path(tmp) / "README.md", readme)
+            os.replace(Path(tmp) / WEIGHTS_NAME, save_directory / WEIGHTS_NAME)
+            os.replace(Path(tmp) / CONFIG_NAME, save_directory / CONFIG_NAME)
+        if push_to_hub:
+            return self.push_to_hub(
+                repo_id or save_directory.name,
+                config=full_config,
+                model_card_kwargs=model_card_kwargs,
+                **push_to_hub_kwargs,
+            )
+        return None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"centroids": self.centroids.detach().contiguous().cpu()},
+                  str(save_directory / WEIGHTS_NAME), metadata={"format": FORMAT})
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str | torch.device = "cpu",
+        **model_kwargs: Any,
+    ) -> Codebook:
+        # Overrides the mixin's loader: safetensors only (no pickle fallback), and a clear error
+        # for a folder that is not a saved codebook.
+        if "num_codes" not in model_kwargs or "dim" not in model_kwargs:
+            raise FileNotFoundError(
+                f"{model_id}: no {CONFIG_NAME} with num_codes and dim; not a saved Codebook"
+            )
+        if os.path.isdir(model_id):
+            weights = os.path.join(model_id, WEIGHTS_NAME)
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(f"{model_id}: no {WEIGHTS_NAME}; not a saved Codebook")
+        else:
+            weights = hf_hub_download(
+                repo_id=model_id, filename=WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
+                force_download=force_download, token=token, local_files_only=local_files_only,
+            )
+        try:
+            tensors = load_file(weights, device=str(map_location))
+        except SafetensorError as err:
+            raise ValueError(f"{weights} is not a readable safetensors file: {err}") from None
+        codebook = cls(**model_kwargs)
+        centroids = tensors.get("centroids")
+        if centroids is None or set(tensors) != {"centroids"}:
+            raise ValueError(f"{weights} must hold exactly one tensor 'centroids', "
+                             f"got {sorted(tensors)}")
+        if tuple(centroids.shape) != (codebook.num_codes, codebook.dim):
+            raise ValueError(
+                f"{weights} holds centroids of shape {tuple(centroids.shape)} but {CONFIG_NAME} "
+                f"says (num_codes, dim) = {(codebook.num_codes, codebook.dim)}"
+            )
+        if not centroids.is_floating_point():
+            raise ValueError(f"{weights}: centroids must be floating point, got {centroids.dtype}")
+        _check_finite(f"{weights}: centroids", centroids)
+        codebook.centroids = centroids
+        return codebook.eval()
+
+
+# ---------------------------------------------------------------------- k-means internals
+
+
+class _BatchSource:
+    """Turns a tensor, an iterable or a callable into epochs of (n, D) float batches."""
+
+    def __init__(self, data: Batches, batch_size: int, generator: torch.Generator,
+                 device: torch.device | str | None) -> None:
+        self.generator = generator
+        self.device = None if device is None else torch.device(device)
+        self.batch_size = batch_size
+        self.tensor: torch.Tensor | None = None
+        self.num_vectors: int | None = None
+        self.batches_per_epoch: int | None = None
+        self.repeatable = True
+        self.pending: list[torch.Tensor] = []  # batches read for k-means++ from a one-shot stream
+        self._batch_index = 0
+        self.dim: int | None = None
+        if isinstance(data, (torch.Tensor, np.ndarray)):
+            tensor = _as_float_tensor("data", data)
+            if tensor.ndim < 1 or tensor.shape[-1] < 1 or tensor.numel() == 0:
+                raise ValueError(f"data must have shape (..., D) with D >= 1 and hold at least one "
+                                 f"vector, got {tuple(tensor.shape)}")
+            tensor = tensor.reshape(-1, tensor.shape[-1])
+            _check_finite("data", tensor)
+            self.tensor = tensor.to(self.device) if self.device is not None else tensor
+            self.num_vectors = tensor.shape[0]
+            self.batches_per_epoch = -(-tensor.shape[0] // batch_size)
+        elif isinstance(data, Iterator):
+            # A generator can be read once; calling iter() on it again continues where it was.
+            self.repeatable = False
+            self.new_iterable: Callable[[], Iterable[Any]] = lambda: data
+        elif isinstance(data, Iterable):
+            self.new_iterable = lambda: data  # a list or a DataLoader: iter() restarts it
+        elif callable(data):
+            self.new_iterable = data
+        else:
+            raise TypeError(
+                "data must be a tensor/array of shape (..., D), an iterable of such batches, or "
+                f"a callable returning one, got {type(data).__name__}"
+            )
+
+    def _prepare(self, batch: Any) -> torch.Tensor:
+        index = self._batch_index
+        self._batch_index += 1
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            batch = batch[0]  # (vectors, labels) pairs from a DataLoader
+        x = _as_float_tensor(f"data batch {index}", batch)
+        if x.ndim < 1:
+            raise ValueError(f"data batch {index} must have shape (..., D), got a scalar")
+        x = x.reshape(-1, x.shape[-1])
+        if self.dim is None:
+            self.dim = x.shape[1]
+        elif x.shape[1] != self.dim:
+            raise ValueError(f"data batch {index} must have last dimension {self.dim} (that of "
+                             f"the first batch), got shape {tuple(batch.shape)}")
+        _check_finite(f"data batch {index}", x)
+        if self.device is None:
+            self.device = x.device
+        return x.to(self.device)
+
+    def _stream(self) -> Iterator[torch.Tensor]:
+        return (self._prepare(batch) for batch in self.new_iterable())
+
+    def sample(self, size: int) -> torch.Tensor:
+        """Up to `size` vectors for k-means++: a random subset, or the head of a stream."""
+        if self.tensor is not None:
+            n = self.tensor.shape[0]
+            if n <= size:
+                return self.tensor
+            index = torch.randperm(n, generator=self.generator)[:size]
+            return self.tensor[index.to(self.tensor.device)]
+        taken, count = [], 0
+        for x in self._stream():
+            taken.append(x)
+            count += x.shape[0]
+            if count >= size:
+                break
+        if count == 0:
+            raise ValueError("data yielded no vectors")
+        if not self.repeatable:
+            self.pending = taken  # train on them too: a one-shot stream cannot be re-read
+        return torch.cat(taken)[:size]
+
+    def epoch(self) -> Iterator[torch.Tensor]:
+        if self.tensor is not None:
+            n = self.tensor.shape[0]
+            order = torch.randperm(n, generator=self.generator).to(self.tensor.device)
+            for begin in range(0, n, self.batch_size):
+                yield self.tensor[order[begin:begin + self.batch_size]]
+            return
+        pending, self.pending = self.pending, []
+        yield from chain(pending, self._stream())
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ (Arthur & Vassilvitskii 2007, with sklearn's 2 + log k local trials)."""
+    n = x.shape[0]
+    trials = 2 + int(math.log(k))
+    centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    first = int(torch.randint(n, (1,), generator=generator))
+    centroids[0] = x[first]
+    best = _sq_distances(x, centroids[:1]).squeeze(1)  # (n,) to the nearest chosen centroid
+    for i in range(1, k):
+        weights = best.double().cpu()
+        if float(weights.sum()) > 0:
+            candidates = torch.multinomial(weights, trials, replacement=True, generator=generator)
+        else:  # every point already sits on a centroid (fewer distinct points than codes)
+            candidates = torch.randint(n, (trials,), generator=generator)
+        candidates = candidates.to(x.device)
+        new_best = torch.minimum(best[None], _sq_distances(x[candidates], x))  # (trials, n)
+        winner = int(new_best.sum(dim=1).argmin())
+        best = new_best[winner]
+        centroids[i] = x[candidates[winner]]
+    return centroids
+
+
+def _update(x: torch.Tensor, codes: torch.Tensor, dist: torch.Tensor, centroids: torch.Tensor,
+            counts: torch.Tensor, idle: torch.Tensor, reseed_after: int,
+            generator: torch.Generator, metric: str) -> int:
+    """One mini-batch step in place (Sculley 2010); returns how many dead codes were re-seeded."""
+    k = centroids.shape[0]
+    batch_counts = torch.bincount(codes, minlength=k).to(centroids.dtype)
+    sums = torch.zeros_like(centroids).index_add_(0, codes, x)
+    counts += batch_counts
+    # Each centroid becomes the running mean of the vectors it has won: step = batch / total.
+    rate = (batch_counts / counts.clamp(min=1)).unsqueeze(1)
+    centroids += rate * (sums / batch_counts.clamp(min=1).unsqueeze(1) - centroids)
+    if metric == "cosine":
+        centroids.copy_(_normalise(centroids, metric))
+
+    idle.add_(1).masked_fill_(batch_counts > 0, 0)
+    dead = (idle >= reseed_after).nonzero().squeeze(1)
+    if dead.numel() == 0:
+        return 0
+    # Vectors far from every centroid are the ones a new code would serve best.
+    weights = dist.double().cpu()
+    available = int((weights > 0).sum())
+    dead = dead[:available]
+    if dead.numel() == 0:
+        return 0
+    chosen = torch.multinomial(weights, dead.numel(), replacement=False, generator=generator)
+    centroids[dead] = x[chosen.to(x.device)]
+    counts[dead] = 0
+    idle[dead] = 0
+    return int(dead.numel())
+
+
+def _sq_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(n, D), (k, D) -> (n, k) squared euclidean distances."""
+    d = torch.addmm(c.pow(2).sum(dim=1).unsqueeze(0), x, c.T, alpha=-2)
+    return d.add_(x.pow(2).sum(dim=1, keepdim=True)).clamp_(min=0)
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid and squared distance to it, for each row of x."""
+    dist, codes = _sq_distances(x, centroids).min(dim=1)
+    return codes, dist
+
+
+def _chunks(n: int, k: int) -> Iterator[tuple[int, int]]:
+    step = max(1, _DISTANCE_BUDGET // k)
+    for begin in range(0, n, step):
+        yield begin, min(n, begin + step)
+
+
+def _normalise(x: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric == "cosine":
+        return torch.nn.functional.normalize(x, dim=-1)
+    return x
+
+
+# ---------------------------------------------------------------------- validation helpers
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _as_float_tensor(name: str, value: Any) -> torch.Tensor:
+    """A floating tensor view of `value`; integers are converted, anything else is a TypeError."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
+    if value.dtype not in (torch.float32, torch.float64):
+        value = value.float()  # fp16/bf16 distances lose too much precision for argmin
+    return value
+
+
+def _check_finite(name: str, value: torch.Tensor) -> None:
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        position = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"{name} must be finite, got {float(value[position])} at {position}")
+
+
+def _check_codes(name: str, codes: torch.Tensor, num_codes: int) -> None:
+    if codes.numel() == 0:
+        return
+    bad = (codes < 0) | (codes >= num_codes)
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}{list(position)} = {int(codes[position])} is outside [0, {num_codes})"
+        )

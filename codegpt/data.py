@@ -1,0 +1,607 @@
+"""Code datasets on disk: the format, a writer, and a validating, lazily read torch Dataset.
+
+A code dataset is a folder::
+
+    dataset.json                  metadata, written last: a folder without it is incomplete
+    codes-00000.safetensors       tensors "codes" (n, H, W) and, if num_classes > 0, "labels" (n,)
+    codes-00001.safetensors       ...
+
+`dataset.json` holds the format name and version, `codebook_size`, `grid` [H, W], `num_classes`,
+`class_names` (or null), `num_items`, a free-text `description`, and the list of shards with their
+item counts. Codes and labels are stored in the smallest integer type that holds their range
+(uint8 up to 256 values, int16 up to 32 768, then int32), so 16x16 codes from a 1024-code
+codebook take 512 bytes per image. Readers accept any 8/16/32/64-bit integer type in a shard, so
+shards written by other tools load too.
+
+Opening a dataset validates it completely: every shard's header, tensor names, shapes and dtypes,
+and every code and label, in one streaming pass that maps each shard, checks it chunk by chunk and
+drops it, so memory stays bounded however large the set. Items are then read lazily through
+memory maps opened on first use in each process (DataLoader workers map their own).
+
+Each item follows the model's token convention: for a codebook of size K, the start token is K,
+`input_ids` = [K, c_1, ..., c_N] (row-major codes, N = H*W), `labels` = `input_ids` with
+`labels[0] = -100` (the model shifts internally), and `classes` = the class id (absent when the
+dataset is unconditional).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import operator
+import os
+import re
+import struct
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset, Subset
+
+__all__ = [
+    "CodeDataset",
+    "CodeDatasetWriter",
+    "load_code_dataset",
+    "storage_dtype",
+    "write_code_dataset",
+]
+
+FORMAT = "codegpt.code_dataset"
+FORMAT_VERSION = 1
+METADATA_NAME = "dataset.json"
+SHARD_NAME = "codes-{:05d}.safetensors"
+DEFAULT_SHARD_SIZE = 65_536
+IGNORE_INDEX = -100  # transformers' "no loss here" label
+
+_SHARD_RE = re.compile(r"codes-\d{5,}\.safetensors")
+# safetensors dtype names -> little-endian numpy dtypes; codes and labels are integers only.
+_INT_DTYPES = {"U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4",
+               "I64": "<i8"}
+# Streaming validation reads at most this many elements of a shard at once.
+_SCAN_ELEMENTS = 1 << 22
+
+
+def storage_dtype(num_values: int) -> torch.dtype:
+    """Smallest integer dtype that stores every value in [0, num_values)."""
+    if num_values <= 1 << 8:
+        return torch.uint8
+    if num_values <= 1 << 15:
+        return torch.int16
+    if num_values <= 1 << 31:
+        return torch.int32
+    return torch.int64
+
+
+# ---------------------------------------------------------------------- writing
+
+
+class CodeDatasetWriter:
+    """Writes a code dataset shard by shard, for sets that do not fit in memory.
+
+    Use as a context manager; `add` as many batches as needed::
+
+        with CodeDatasetWriter("codes/", codebook_size=1024, num_classes=1000) as writer:
+            for codes, labels in batches:          # codes (n, H, W), labels (n,)
+                writer.add(codes, labels)
+
+    Every file is written under a temporary name and moved into place with `os.replace`, and
+    `dataset.json` comes last, so a crash leaves a folder that readers reject as incomplete, never
+    one that looks complete. If the block raises, the shards written so far are removed.
+
+    Args:
+        path: the dataset folder (created if needed).
+        codebook_size: K; codes must lie in [0, K).
+        num_classes: number of classes C (labels in [0, C)); 0 for an unconditional dataset,
+            which then takes no labels.
+        class_names: optional names, one per class.
+        grid: (H, W) of each item's codes; default: taken from the first `add`.
+        shard_size: items per shard file.
+        description: free text stored in the metadata (which codebook made the codes, ...).
+        overwrite: replace an existing dataset in `path` (its `dataset.json` is removed at once,
+            its extra shards at `close`).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        codebook_size: int,
+        num_classes: int = 0,
+        class_names: list[str] | tuple[str, ...] | None = None,
+        grid: tuple[int, int] | None = None,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        description: str = "",
+        overwrite: bool = False,
+    ) -> None:
+        _check_int("codebook_size", codebook_size, low=1)
+        _check_int("num_classes", num_classes, low=0)
+        _check_int("shard_size", shard_size, low=1)
+        self.class_names = _check_class_names(class_names, num_classes)
+        if grid is not None:
+            grid = _check_grid(grid)
+        if not isinstance(description, str):
+            raise TypeError(f"description must be a str, got {type(description).__name__}")
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"{self.path} exists and is not a folder")
+        metadata = self.path / METADATA_NAME
+        if metadata.exists() and not overwrite:
+            raise FileExistsError(
+                f"{self.path} already holds a code dataset; pass overwrite=True to replace it"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        # The old metadata goes first: from here on the folder reads as incomplete.
+        metadata.unlink(missing_ok=True)
+        self.codebook_size = codebook_size
+        self.num_classes = num_classes
+        self.grid = grid
+        self.shard_size = shard_size
+        self.description = description
+        self.codes_dtype = storage_dtype(codebook_size)
+        self.labels_dtype = storage_dtype(num_classes) if num_classes > 0 else None
+        self.shards: list[dict[str, Any]] = []
+        self.num_items = 0  # added so far, written or buffered
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._buffered = 0
+        self._closed = False
+        self._aborted = False
+
+    def __enter__(self) -> CodeDatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def add(self, codes: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None
+            ) -> None:
+        """Append items: codes (n, H, W) in [0, codebook_size), labels (n,) in [0, num_classes)."""
+        if self._closed:
+            raise RuntimeError("this CodeDatasetWriter is closed")
+        codes = _as_int_tensor("codes", codes)
+        if codes.ndim != 3:
+            raise ValueError(f"codes must have shape (n, H, W), got {tuple(codes.shape)}")
+        if self.grid is None:
+            self.grid = _check_grid(tuple(codes.shape[1:]))
+        if tuple(codes.shape[1:]) != self.grid:
+            raise ValueError(
+                f"codes have grid {tuple(codes.shape[1:])}, the dataset's grid is {self.grid}"
+            )
+        n = codes.shape[0]
+        _check_range(codes.reshape(n, -1), self.codebook_size, "code",
+                     "codes row {row} (item {item})", self.num_items, grid=self.grid)
+        if self.num_classes == 0:
+            if labels is not None:
+                raise ValueError("labels were given but num_classes=0 (an unconditional dataset);"
+                                 " pass num_classes to store labels")
+        else:
+            if labels is None:
+                raise ValueError(f"labels are required: the dataset has num_classes="
+                                 f"{self.num_classes}")
+            labels = _as_int_tensor("labels", labels)
+            if tuple(labels.shape) != (n,):
+                raise ValueError(f"labels must have shape ({n},) to match codes, "
+                                 f"got {tuple(labels.shape)}")
+            _check_range(labels.reshape(n, 1), self.num_classes, "label",
+                         "labels row {row} (item {item})", self.num_items)
+            labels = labels.to(self.labels_dtype, copy=True)
+        if n == 0:
+            return
+        # Copies: the caller may reuse its arrays before the shard is written.
+        self._buffer.append((codes.to(self.codes_dtype, copy=True), labels))
+        self._buffered += n
+        self.num_items += n
+        while self._buffered >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, count: int) -> None:
+        codes = torch.cat([c for c, _ in self._buffer])
+        labels = None if self.num_classes == 0 else torch.cat([lab for _, lab in self._buffer])
+        tensors = {"codes": codes[:count].contiguous()}
+        if labels is not None:
+            tensors["labels"] = labels[:count].contiguous()
+        name = SHARD_NAME.format(len(self.shards))
+        _atomic_save(tensors, self.path / name)
+        self.shards.append({"file": name, "num_items": count})
+        rest = codes[count:], None if labels is None else labels[count:]
+        self._buffer = [rest] if rest[0].shape[0] else []
+        self._buffered -= count
+
+    def close(self) -> Path:
+        """Write the last shard, remove stale shards, then write `dataset.json`."""
+        if self._aborted:
+            raise RuntimeError("this CodeDatasetWriter was aborted; nothing was written")
+        if self._closed:
+            return self.path
+        if self.num_items == 0:
+            self.abort()
+            raise ValueError("no items were added; a code dataset holds at least one item")
+        if self._buffered:
+            self._flush(self._buffered)
+        keep = {shard["file"] for shard in self.shards}
+        for stale in self.path.iterdir():
+            if _SHARD_RE.fullmatch(stale.name) and stale.name not in keep:
+                stale.unlink()
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "codebook_size": self.codebook_size,
+            "grid": list(self.grid),  # type: ignore[arg-type]
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "num_items": self.num_items,
+            "description": self.description,
+            "codes_dtype": str(self.codes_dtype).removeprefix("torch."),
+            "labels_dtype": (None if self.labels_dtype is None
+                             else str(self.labels_dtype).removeprefix("torch.")),
+            "shards": self.shards,
+        }
+        _atomic_write_text(self.path / METADATA_NAME, json.dumps(metadata, indent=2) + "\n")
+        self._closed = True
+        return self.path
+
+    def abort(self) -> None:
+        """Stop without writing metadata and remove the shards written so far."""
+        for shard in self.shards:
+            (self.path / shard["file"]).unlink(missing_ok=True)
+        self.shards, self._buffer, self._buffered = [], [], 0
+        self._closed = self._aborted = True
+
+
+def write_code_dataset(
+    path: str | os.PathLike[str],
+    codes: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray | None = None,
+    *,
+    codebook_size: int,
+    num_classes: int = 0,
+    class_names: list[str] | tuple[str, ...] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    description: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Write codes (N, H, W) and labels (N,) as a code dataset in `path`; returns `path`.
+
+    See `CodeDatasetWriter` for the arguments and the guarantees.
+    """
+    codes = _as_int_tensor("codes", codes)
+    if codes.ndim != 3:
+        raise ValueError(f"codes must have shape (N, H, W), got {tuple(codes.shape)}")
+    if labels is not None:
+        labels = _as_int_tensor("labels", labels)
+        if tuple(labels.shape) != codes.shape[:1]:
+            raise ValueError(f"labels must have shape ({codes.shape[0]},) to match codes, "
+                             f"got {tuple(labels.shape)}")
+    with CodeDatasetWriter(path, codebook_size=codebook_size, num_classes=num_classes,
+                           class_names=class_names, grid=tuple(codes.shape[1:]),
+                           shard_size=shard_size, description=description,
+                           overwrite=overwrite) as writer:
+        # Slices keep the dtype conversion's temporary copies one shard large.
+        for begin in range(0, max(codes.shape[0], 1), shard_size):
+            end = begin + shard_size
+            writer.add(codes[begin:end], None if labels is None else labels[begin:end])
+    return writer.path
+
+
+# ---------------------------------------------------------------------- reading
+
+
+class CodeDataset(Dataset):
+    """A code dataset folder as a `torch.utils.data.Dataset` (see the module docstring).
+
+    Opening validates everything and raises `FileNotFoundError` (missing folder, metadata or
+    shard) or `ValueError` (anything malformed, naming the file, row and value). Attributes:
+    `codebook_size`, `grid`, `seq_len` (H*W), `num_classes`, `class_names`, `start_token_id`
+    (= codebook_size), `vocab_size` (= codebook_size + 1), `labels` (all class ids, int64, or
+    None), `description`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        meta = _read_metadata(self.path)
+        self.codebook_size: int = meta["codebook_size"]
+        self.grid: tuple[int, int] = tuple(meta["grid"])  # type: ignore[assignment]
+        self.num_classes: int = meta["num_classes"]
+        self.class_names: list[str] | None = meta["class_names"]
+        self.description: str = meta.get("description", "")
+        self.seq_len = self.grid[0] * self.grid[1]
+        self.start_token_id = self.codebook_size
+        self.vocab_size = self.codebook_size + 1
+
+        self._files: list[Path] = []
+        self._codes_at: list[tuple[int, np.dtype]] = []  # byte offset and dtype of "codes"
+        self._starts: list[int] = []  # index of each shard's first item
+        labels: list[np.ndarray] = []
+        total = 0
+        for shard in meta["shards"]:
+            file = self.path / shard["file"]
+            offset, dtype, shard_labels = _validate_shard(file, shard["num_items"], total, meta)
+            self._files.append(file)
+            self._codes_at.append((offset, dtype))
+            self._starts.append(total)
+            if shard_labels is not None:
+                labels.append(shard_labels)
+            total += shard["num_items"]
+        self._len = total
+        self._labels_np = np.concatenate(labels) if labels else None
+        self.labels: torch.Tensor | None = (
+            None if self._labels_np is None else torch.from_numpy(self._labels_np)
+        )
+        self._maps: list[np.memmap | None] = [None] * len(self._files)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return (f"CodeDataset({str(self.path)!r}, items={self._len}, grid={self.grid}, "
+                f"codebook_size={self.codebook_size}, num_classes={self.num_classes})")
+
+    def _map(self, shard: int) -> np.memmap:
+        mapped = self._maps[shard]
+        if mapped is None:
+            offset, dtype = self._codes_at[shard]
+            count = self._shard_len(shard)
+            # mode "c" (copy-on-write) gives writable arrays, so torch.from_numpy does not warn;
+            # the file itself is never written.
+            mapped = np.memmap(self._files[shard], dtype=dtype, mode="c", offset=offset,
+                               shape=(count, self.seq_len))
+            self._maps[shard] = mapped
+        return mapped
+
+    def _shard_len(self, shard: int) -> int:
+        end = self._starts[shard + 1] if shard + 1 < len(self._starts) else self._len
+        return end - self._starts[shard]
+
+    def _index(self, index: Any) -> int:
+        i = operator.index(index)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"index {index} is out of range for a dataset of {self._len} items")
+        return i
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        i = self._index(index)
+        shard = bisect.bisect_right(self._starts, i) - 1
+        input_ids = np.empty(self.seq_len + 1, dtype=np.int64)
+        input_ids[0] = self.start_token_id
+        input_ids[1:] = self._map(shard)[i - self._starts[shard]]
+        labels = input_ids.copy()
+        labels[0] = IGNORE_INDEX
+        item = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        if self._labels_np is not None:
+            item["classes"] = torch.from_numpy(self._labels_np[i:i + 1]).view(())
+        return item
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """A batch of items at once (DataLoader uses this): one gather per shard, not per item."""
+        idx = np.fromiter((self._index(i) for i in indices), dtype=np.int64, count=len(indices))
+        shards = np.searchsorted(self._starts, idx, side="right") - 1
+        input_ids = np.empty((len(idx), self.seq_len + 1), dtype=np.int64)
+        input_ids[:, 0] = self.start_token_id
+        for shard in np.unique(shards):
+            rows = shards == shard
+            input_ids[rows, 1:] = self._map(int(shard))[idx[rows] - self._starts[shard]]
+        labels = input_ids.copy()
+        labels[:, 0] = IGNORE_INDEX
+        columns = [torch.from_numpy(input_ids), torch.from_numpy(labels)]
+        keys = ["input_ids", "labels"]
+        if self._labels_np is not None:
+            columns.append(torch.from_numpy(self._labels_np[idx]))
+            keys.append("classes")
+        return [dict(zip(keys, row, strict=True)) for row in zip(*columns, strict=True)]
+
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[Subset, Subset]:
+        """A reproducible random (train, validation) split; the same seed gives the same split.
+
+        The validation set holds round(val_fraction * len) items, at least 1, and so does the
+        training set. Indices within each part are sorted, which keeps reads local.
+        """
+        n = self._len
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+            raise TypeError(f"val_fraction must be a float, got {type(val_fraction).__name__}")
+        num_val = round(val_fraction * n)
+        if not 0 < val_fraction < 1 or not 0 < num_val < n:
+            raise ValueError(
+                f"val_fraction must leave both parts non-empty: in (0, 1) and between "
+                f"{1 / n:.3g} and {(n - 1) / n:.3g} for {n} items, got {val_fraction}"
+            )
+        _check_int("seed", seed, low=0)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        val = order[:num_val].sort().values.tolist()
+        train = order[num_val:].sort().values.tolist()
+        return Subset(self, train), Subset(self, val)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Memory maps stay behind: each process (e.g. a DataLoader worker) maps its own.
+        state = self.__dict__.copy()
+        state["_maps"] = [None] * len(self._files)
+        return state
+
+
+def load_code_dataset(path: str | os.PathLike[str]) -> CodeDataset:
+    """Open (and validate) the code dataset in `path`."""
+    return CodeDataset(path)
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"code dataset folder {path} does not exist")
+    file = path / METADATA_NAME
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} is missing: {path} is not a code dataset, or its writing did not finish"
+        )
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{file} is not codegpt code dataset metadata "
+                         f"(expected \"format\": \"{FORMAT}\")")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {version!r} is not supported "
+                         f"(this codegpt reads version {FORMAT_VERSION})")
+    try:
+        _check_int("codebook_size", meta.get("codebook_size"), low=1)
+        _check_int("num_classes", meta.get("num_classes"), low=0)
+        meta["grid"] = _check_grid(meta.get("grid"))
+        _check_class_names(meta.get("class_names"), meta["num_classes"])
+        shards = meta.get("shards")
+        if not isinstance(shards, list) or not shards:
+            raise ValueError(f"shards must be a non-empty list, got {shards!r}")
+        for shard in shards:
+            name = shard.get("file") if isinstance(shard, dict) else None
+            # Plain file names only: metadata must not point outside the dataset folder.
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"each shard needs a plain file name, got {shard!r}")
+            _check_int(f"num_items of {name}", shard.get("num_items"), low=1)
+        total = sum(shard["num_items"] for shard in shards)
+        if meta.get("num_items", total) != total:
+            raise ValueError(f"num_items is {meta.get('num_items')} but the shards hold {total}")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: {err}") from None
+    return meta
+
+
+def _validate_shard(file: Path, num_items: int, first_item: int, meta: dict[str, Any]
+                    ) -> tuple[int, np.dtype, np.ndarray | None]:
+    """Check one shard completely; return where its codes start, their dtype, and its labels."""
+    if not file.is_file():
+        raise FileNotFoundError(f"shard {file} listed in {METADATA_NAME} is missing")
+    try:
+        # safe_open checks the header and that the tensors exactly cover the file.
+        with safe_open(file, framework="np") as handle:
+            names = set(handle.keys())
+    except SafetensorError as err:
+        raise ValueError(f"{file} is not a valid safetensors file (truncated or foreign?): "
+                         f"{err}") from None
+    header_len, header = _read_header(file)
+    grid = meta["grid"]
+    wanted = ["codes"] + (["labels"] if meta["num_classes"] > 0 else [])
+    for name in wanted:
+        if name not in names:
+            raise ValueError(f"{file} has no tensor {name!r} (it holds {sorted(names)})")
+        dtype = header[name]["dtype"]
+        if dtype not in _INT_DTYPES:
+            raise ValueError(f"{file}: {name} must be an integer tensor, got dtype {dtype}")
+    shape = tuple(header["codes"]["shape"])
+    if len(shape) != 3 or shape[1:] != grid:
+        raise ValueError(f"{file}: codes have shape {shape}, expected (n, H, W) with grid "
+                         f"{grid} as {METADATA_NAME} says")
+    if shape[0] != num_items:
+        raise ValueError(f"{file} holds {shape[0]} items but {METADATA_NAME} says {num_items}")
+    data_start = 8 + header_len
+    codes_dtype = np.dtype(_INT_DTYPES[header["codes"]["dtype"]])
+    codes_offset = data_start + header["codes"]["data_offsets"][0]
+    where = f"{file.name} row {{row}} (item {{item}})"
+    if num_items:
+        codes = np.memmap(file, dtype=codes_dtype, mode="r", offset=codes_offset,
+                          shape=(num_items, grid[0] * grid[1]))
+        step = max(1, _SCAN_ELEMENTS // codes.shape[1])
+        for begin in range(0, num_items, step):
+            _check_range(codes[begin:begin + step], meta["codebook_size"], "code", where,
+                         first_item, row_offset=begin, grid=grid)
+        del codes
+    labels = None
+    if "labels" in wanted:
+        entry = header["labels"]
+        if tuple(entry["shape"]) != (num_items,):
+            raise ValueError(f"{file}: labels have shape {tuple(entry['shape'])}, "
+                             f"expected ({num_items},)")
+        raw = np.fromfile(file, dtype=np.dtype(_INT_DTYPES[entry["dtype"]]), count=num_items,
+                          offset=data_start + entry["data_offsets"][0])
+        labels = raw.astype(np.int64)
+        _check_range(labels.reshape(-1, 1), meta["num_classes"], "label", where, first_item)
+    return codes_offset, codes_dtype, labels
+
+
+def _read_header(file: Path) -> tuple[int, dict[str, Any]]:
+    # safe_open has already validated the header; its byte layout is needed for the memory maps.
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return length, json.loads(handle.read(length))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _check_range(values: Any, size: int, what: str, where: str, first_item: int,
+                 row_offset: int = 0, grid: tuple[int, int] | None = None) -> None:
+    """Raise naming the first row of `values` (rows, columns) holding a value outside [0, size).
+
+    `where` is a template with {row} and {item}; rows count from `row_offset`, items from
+    `first_item + row_offset`.
+    """
+    array = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    if array.size == 0 or (array.min() >= 0 and array.max() < size):
+        return
+    bad = (array < 0) | (array >= size)
+    row, column = (int(i) for i in np.argwhere(bad)[0])
+    value = int(array[row, column])
+    row += row_offset
+    position = "" if grid is None else f" at {divmod(column, grid[1])}"
+    place = where.format(row=row, item=first_item + row)
+    raise ValueError(f"{place}: {what} {value}{position} outside [0, {size})")
+
+
+def _as_int_tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
+    return value.cpu()
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_grid(grid: Any) -> tuple[int, int]:
+    if not isinstance(grid, (list, tuple)) or len(grid) != 2:
+        raise ValueError(f"grid must be (H, W), got {grid!r}")
+    for value in grid:
+        _check_int("grid", value, low=1)
+    return int(grid[0]), int(grid[1])
+
+
+def _check_class_names(names: Any, num_classes: int) -> list[str] | None:
+    if names is None:
+        return None
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"class_names must be a list of str, got {names!r}")
+    if len(names) != num_classes:
+        raise ValueError(f"class_names must have num_classes={num_classes} entries, "
+                         f"got {len(names)}")
+    return list(names)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(target: Path, text: str) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
