@@ -421,6 +421,8 @@ class Codebook(
         force_download: bool,
         local_files_only: bool,
         token: str | bool | None,
+        proxies: dict | None = None,  # passed by huggingface_hub < 1.0 only
+        resume_download: bool | None = None,  # passed by huggingface_hub < 1.0 only
         map_location: str | torch.device = "cpu",
         **model_kwargs: Any,
     ) -> Codebook:

@@ -37,6 +37,13 @@ class GPTOutput(CausalLMOutputWithPast):
     def __iter__(self):
         return iter((self.logits, self.loss))
 
+    if _CACHE_FIELD == "past_key_values":
+
+        @property
+        def cache(self):
+            """The KV cache under its 5.24 name, so ``out.cache`` works on older transformers too."""
+            return self.past_key_values
+
 
 # ---------------------------------------------------------------------------------------------
 # Attention
