@@ -137,6 +137,50 @@ def child(row: str, contender: str, new_tokens: int, device: str) -> None:
     print(json.dumps(result))
 
 
+def breakdown(row: str, new_tokens: int, device: str) -> str:
+    """Where a codegpt decode step's time goes, from a profile of one whole sampling call.
+
+    Op self times are grouped into weight matmuls, attention over the filled cache, sampling (the
+    processors, softmax, multinomial) and the remaining small ops; what the profiler does not see
+    (Python, argument parsing, dispatch) is the wall time minus all of them.
+    """
+    from torch.profiler import profile
+
+    ours, _, batch = build(row, device)
+    start = torch.full((batch, 1), ours.config.start_token_id, dtype=torch.long, device=device)
+
+    def call():
+        return generate(ours, start, max_new_tokens=new_tokens, top_k=TOP_K)
+
+    call()
+    wall = statistics.median(time_call(call, device) for _ in range(3))
+    with profile() as prof:
+        call()
+    groups = {
+        "weight matmuls": {"addmm", "mm", "bmm", "matmul", "linear"},
+        "attention over the filled cache": {"scaled_dot_product_attention",
+                                            "_scaled_dot_product_flash_attention_for_cpu",
+                                            "_scaled_dot_product_flash_attention",
+                                            "_scaled_dot_product_efficient_attention",
+                                            "_scaled_dot_product_cudnn_attention"},
+        "sampling (top-k, softmax, multinomial)": {"topk", "softmax", "_softmax", "multinomial", "exponential_",
+                                                   "lt", "masked_fill", "argmax", "div", "fill_", "sort",
+                                                   "cumsum", "scatter", "log_softmax", "_log_softmax"},
+    }
+    other = "other ops (layer norm, GELU, adds, cache writes)"
+    spent = dict.fromkeys([*groups, other], 0.0)
+    for event in prof.key_averages():
+        name = event.key.removeprefix("aten::")
+        group = next((g for g, names in groups.items() if name in names), other)
+        spent[group] += event.self_cpu_time_total / 1e6
+    spent["Python and per-op overhead (unprofiled)"] = max(0.0, wall - sum(spent.values()))
+    lines = [f"Per decode step, {row} ({ROWS[row][1]} codes, B{batch}), {new_tokens} steps, "
+             f"{1e3 * wall / new_tokens:.2f} ms/step:", "", "| part | ms/step | share |", "|---|---|---|"]
+    for part, seconds in spent.items():
+        lines.append(f"| {part} | {1e3 * seconds / new_tokens:.2f} | {seconds / wall:.0%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
@@ -145,6 +189,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-fresh", action="store_true", help="skip the first-call and memory runs")
+    parser.add_argument("--breakdown", action="store_true", help="also profile codegpt's decode step per row")
     parser.add_argument("--force", action="store_true", help="report even when the machine is busy")
     parser.add_argument("--child", nargs=2, metavar=("ROW", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,7 +206,7 @@ def main() -> None:
           f"{args.rounds} interleaved rounds after 1 warm-up; ratios are medians of per-round ratios")
     if warning:
         print(warning)
-    warm_rows, fresh_rows = [], []
+    warm_rows, fresh_rows, breakdowns = [], [], []
     for row in args.rows:
         vocab, seq_len, embed, layers, heads, batch = ROWS[row]
         n = args.new_tokens or seq_len
@@ -179,6 +224,9 @@ def main() -> None:
         )
         print(warm_rows[-1], flush=True)
         del ours, gpt2
+        if args.breakdown:
+            breakdowns.append(breakdown(row, n, args.device))
+            print(breakdowns[-1], flush=True)
         if args.no_fresh:
             continue
         monitor = LoadMonitor()
@@ -209,6 +257,8 @@ def main() -> None:
               "static MiB | naive MiB (one full-length step) |")
         print("|---|---|---|---|---|---|---|---|")
         print("\n".join(fresh_rows))
+    for text in breakdowns:
+        print("\n" + text)
     check_load(idle_now(1.0), args.force, "an idle check after the run")
 
 

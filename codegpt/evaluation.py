@@ -1,0 +1,255 @@
+"""How good is a prior: held-out bits per code against a baseline, novelty, class consistency.
+
+- ``held_out_bits``: the prior's mean negative log-likelihood per code on held-out codes (see
+  ``codegpt.training.evaluate``), and ``independent_baseline_bits``: the same for a model that draws
+  every position independently from its class-conditional histogram (add-one smoothing). The
+  ratio says how much the transformer gains from modelling codes jointly.
+- ``novelty``: the fraction of sampled code grids that are not copies of a training grid, and
+  whether all samples are distinct. A prior that memorised its training set scores near 0.
+- ``class_consistency``: the fraction of decoded samples that a judge (a classifier trained on
+  real images) labels with the class they were sampled for. For the digits, ``fit_digit_judge``
+  trains scikit-learn's SVC on the training split's real pixels.
+- ``sample_classes``: class-conditional samples in batches, seeded, with or without guidance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .modeling_codegpt import GPT
+from .training import evaluate
+
+__all__ = [
+    "evaluate_prior",
+    "split_indices",
+    "code_arrays",
+    "independent_baseline_bits",
+    "novelty",
+    "sample_classes",
+    "fit_digit_judge",
+    "class_consistency",
+]
+
+
+def code_arrays(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All codes (N, seq_len) and classes (N,) (None if unlabelled) of a code dataset or Subset."""
+    indices: Sequence[int] = range(len(dataset))
+    base = dataset
+    if isinstance(dataset, Subset) and hasattr(dataset.dataset, "__getitems__"):
+        base, indices = dataset.dataset, dataset.indices
+    if hasattr(base, "__getitems__"):
+        items = base.__getitems__(list(indices))  # one gather per shard
+    else:
+        items = [base[i] for i in indices]
+    if not items:
+        raise ValueError("the dataset is empty")
+    codes = torch.stack([item["input_ids"][1:] for item in items])
+    classes = torch.stack([item["classes"] for item in items]) if "classes" in items[0] else None
+    return codes, classes
+
+
+def independent_baseline_bits(
+    train_codes: torch.Tensor,
+    train_classes: torch.Tensor | None,
+    eval_codes: torch.Tensor,
+    eval_classes: torch.Tensor | None,
+    codebook_size: int,
+    num_classes: int = 0,
+    alpha: float = 1.0,
+) -> float:
+    """Bits per code of the independent-per-position model on ``eval_codes``.
+
+    For each (class, position) a histogram of the training codes, plus ``alpha`` on every code
+    (add-one smoothing by default); each held-out code is scored by its own class and position.
+    With ``num_classes=0`` (or no classes) the histograms are per position only.
+    """
+    if train_codes.dim() != 2 or eval_codes.dim() != 2 or train_codes.shape[1] != eval_codes.shape[1]:
+        raise ValueError(
+            "train_codes and eval_codes must both be (N, seq_len) with the same seq_len, got "
+            f"{tuple(train_codes.shape)} and {tuple(eval_codes.shape)}"
+        )
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (add-alpha smoothing), got {alpha}")
+    L = train_codes.shape[1]
+    conditional = num_classes > 0 and train_classes is not None and eval_classes is not None
+    C = num_classes if conditional else 1
+    yt = train_classes.long() if conditional else torch.zeros(len(train_codes), dtype=torch.long)
+    ye = eval_classes.long() if conditional else torch.zeros(len(eval_codes), dtype=torch.long)
+    counts = torch.full((C, L, codebook_size), float(alpha), dtype=torch.float64)
+    pos = torch.arange(L)
+    counts.index_put_(
+        (yt[:, None].expand(-1, L), pos.expand(len(yt), -1), train_codes.long()),
+        torch.ones(len(yt), L, dtype=torch.float64),
+        accumulate=True,
+    )
+    log_p = (counts / counts.sum(-1, keepdim=True)).log()
+    nll = -log_p[ye[:, None].expand(-1, L), pos.expand(len(ye), -1), eval_codes.long()]
+    return float(nll.mean()) / math.log(2)
+
+
+def novelty(samples: torch.Tensor, train_codes: torch.Tensor) -> dict[str, Any]:
+    """Copies and duplicates among sampled code grids (B, ...) against training grids (N, ...).
+
+    Returns ``novelty`` (fraction of samples equal to no training grid), ``distinct`` (fraction of
+    samples that are unique among the samples) and ``all_distinct``.
+    """
+    samples = samples.reshape(samples.shape[0], -1).cpu().long()
+    train_codes = train_codes.reshape(train_codes.shape[0], -1).cpu().long()
+    if samples.shape[1] != train_codes.shape[1]:
+        raise ValueError(
+            f"samples have {samples.shape[1]} codes each but training grids {train_codes.shape[1]}"
+        )
+    seen = {row.tobytes() for row in train_codes.numpy()}
+    keys = [row.tobytes() for row in samples.numpy()]
+    copies = sum(k in seen for k in keys)
+    unique = len(set(keys))
+    n = len(keys)
+    return {"novelty": 1.0 - copies / n, "distinct": unique / n, "all_distinct": unique == n}
+
+
+@torch.no_grad()
+def sample_classes(
+    model: GPT,
+    num_per_class: int,
+    guidance_scale: float | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_per_class`` samples of every class: codes (num_classes * n, seq_len), classes (same N).
+
+    Seeded by ``seed`` through a generator of its own, so torch's global RNG is untouched.
+    """
+    from .sampling import generate
+
+    if not model.config.class_conditional:
+        raise ValueError("sample_classes needs a class-conditional model (config.class_conditional=True)")
+    if num_per_class < 1:
+        raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    classes = torch.arange(model.config.num_classes, device=device).repeat_interleave(num_per_class)
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for begin in range(0, len(classes), batch_size):
+        tokens = generate(
+            model,
+            classes=classes[begin : begin + batch_size],
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            top_k=top_k,
+            generator=generator,
+        )
+        chunks.append(tokens[:, 1:])  # drop the start token
+    model.train(was_training)
+    return torch.cat(chunks).cpu(), classes.cpu()
+
+
+def fit_digit_judge(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, seed: int = 0):
+    """An SVC (RBF kernel, C=10, gamma='scale') on real digit pixels (N, 8, 8), values 0-16.
+
+    Logistic regression is too weak a judge here: it confuses real 1s, 8s and 9s often enough to
+    blur the measurement. This one scores about 99% on held-out real digits.
+    """
+    try:
+        from sklearn.svm import SVC
+    except ImportError as err:
+        raise ImportError("the digits judge needs scikit-learn: pip install 'codegpt[demo]'") from err
+    X = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    y = np.asarray(labels)
+    return SVC(C=10.0, gamma="scale", random_state=seed).fit(X, y)
+
+
+def class_consistency(judge: Any, images: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray) -> float:
+    """Fraction of ``images`` (N, ...) that ``judge.predict`` labels with ``classes`` (N,)."""
+    X = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    predicted = judge.predict(X)
+    return float((predicted == np.asarray(classes)).mean())
+
+
+def split_indices(num_items: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """The (train, validation) indices ``CodeDataset.split(val_fraction, seed)`` gives a dataset of
+    ``num_items`` items, known before any code exists (e.g. to fit a codebook on the training
+    images alone). The split depends on the size and the seed only, so a placeholder dataset of
+    that size yields it through the real ``split``."""
+    import tempfile
+
+    from .data import CodeDataset, write_code_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        placeholder = torch.zeros(num_items, 1, 1, dtype=torch.uint8)
+        dataset = CodeDataset(write_code_dataset(tmp, placeholder, codebook_size=1))
+        train_part, val_part = dataset.split(val_fraction, seed=seed)
+        return list(train_part.indices), list(val_part.indices)
+
+
+def evaluate_prior(
+    model: GPT,
+    train_part: Dataset,
+    val_part: Dataset,
+    *,
+    samples_per_class: int = 100,
+    guidance_scale: float | None = 2.0,
+    seed: int = 0,
+    to_pixels: Any = None,
+    judge: Any = None,
+    held_out: dict[str, float] | None = None,
+    batch_size: int = 512,
+) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Every quality figure of a prior on one split, and the samples they were measured on.
+
+    Returns ``(metrics, samples)``. Metrics: ``bits_per_code`` and ``loss_nats`` on ``val_part``
+    (or ``held_out`` if already measured), ``baseline_bits_per_code`` (independent per-position
+    model), ``bits_ratio``; then for each sample set (``guided`` and ``unguided`` for a
+    class-conditional model, ``unconditional`` otherwise) ``novelty_<set>`` and
+    ``all_distinct_<set>``, and ``class_consistency_<set>`` when ``to_pixels`` (codes (B, H, W) ->
+    images) and ``judge`` (anything with ``predict``) are given. ``samples`` maps each set to
+    (codes (N, seq_len), classes or None).
+    """
+    config = model.config
+    held_out = held_out or evaluate(model, val_part, batch_size=batch_size)
+    train_codes, train_classes = code_arrays(train_part)
+    val_codes, val_classes = code_arrays(val_part)
+    num_classes = config.num_classes if config.class_conditional else 0
+    baseline = independent_baseline_bits(
+        train_codes, train_classes, val_codes, val_classes, config.codebook_size, num_classes
+    )
+    metrics: dict[str, Any] = {
+        "bits_per_code": held_out["bits_per_code"],
+        "loss_nats": held_out["loss_nats"],
+        "baseline_bits_per_code": baseline,
+        "bits_ratio": held_out["bits_per_code"] / baseline,
+    }
+    samples: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    if config.class_conditional:
+        # Distinct seeds: the two sets are independent draws.
+        samples["guided"] = sample_classes(model, samples_per_class, guidance_scale, seed=seed + 1)
+        samples["unguided"] = sample_classes(model, samples_per_class, None, seed=seed + 2)
+    else:
+        from .sampling import generate
+
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed + 1)
+        was_training = model.training
+        model.eval()
+        tokens = generate(model, num_samples=samples_per_class, generator=generator)
+        model.train(was_training)
+        samples["unconditional"] = (tokens[:, 1:].cpu(), None)
+    grid = getattr(getattr(train_part, "dataset", train_part), "grid", None)
+    for name, (codes, classes) in samples.items():
+        nov = novelty(codes, train_codes)
+        metrics[f"novelty_{name}"] = nov["novelty"]
+        metrics[f"all_distinct_{name}"] = nov["all_distinct"]
+        if to_pixels is not None and judge is not None and classes is not None:
+            shape = tuple(grid) if grid is not None else (1, config.seq_len)
+            pixels = to_pixels(codes.reshape(-1, *shape))
+            metrics[f"class_consistency_{name}"] = class_consistency(judge, pixels, classes)
+    return metrics, samples

@@ -1,0 +1,102 @@
+"""The digits run as an `accelerate launch` script: one process, several CPU processes, or GPUs.
+
+    python examples/digits_accelerate.py --out digits-run                      # one process
+    accelerate launch --config_file examples/accelerate_cpu2.yaml \\
+        examples/digits_accelerate.py --out digits-run                         # two CPU processes (gloo)
+    accelerate launch --multi_gpu --num_processes 4 examples/digits_accelerate.py --out digits-run
+
+The main process fits the codebook and writes the code dataset while the others wait; then every
+process trains its share of each batch (the global batch is --batch-size x processes); the main
+process finally samples every class, decodes them and judges them as `codegpt demo` does. Run it
+again with --resume after an interruption: it continues from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from codegpt import GPT, GPTConfig
+from codegpt.codebook import Codebook
+from codegpt.data import CodeDataset
+from codegpt.demo import digits_decoder, prepare_digits
+from codegpt.digits import DIGITS_MAX_VALUE, codes_to_images, load_digits_images
+from codegpt.evaluation import evaluate_prior, fit_digit_judge
+from codegpt.training import TrainingArguments, make_accelerator, train, write_json_atomic
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="digits-run")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None)
+    p.add_argument("--resume", action="store_true")
+    return p.parse_args()
+
+
+def main() -> None:
+    cli = parse_args()
+    out = Path(cli.out)
+    args = TrainingArguments(
+        output_dir=out / "run",
+        max_steps=cli.steps,
+        per_device_batch_size=cli.batch_size,
+        learning_rate=cli.lr,
+        warmup_steps=50,
+        mixed_precision=cli.mixed_precision,
+        seed=cli.seed,
+        eval_every=100,
+        save_every=cli.save_every,
+        sample_every=200,
+        sample_guidance_scale=2.0,
+        resume=cli.resume,
+        overwrite_output_dir=not cli.resume,
+    )
+    # Made first: it sets up the process group that main_process_first() below waits on.
+    accelerator = make_accelerator(args)
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            prepare_digits(out, num_codes=128, patch=2, seed=cli.seed, val_fraction=0.2)
+    dataset = CodeDataset(out / "data")
+    codebook = Codebook.from_pretrained(out / "codebook")
+    train_part, val_part = dataset.split(0.2, seed=cli.seed)
+
+    config = GPTConfig(
+        vocab_size=dataset.vocab_size,
+        seq_len=dataset.seq_len,
+        embed_dim=128,
+        num_layers=4,
+        num_heads=4,
+        embd_dropout=0.25,
+        resid_dropout=0.25,
+        class_conditional=True,
+        num_classes=dataset.num_classes,
+        class_dropout_prob=0.05,
+    )
+    result = train(
+        args, config, train_part, val_part,
+        decode=digits_decoder(codebook, patch=2, scale=DIGITS_MAX_VALUE),
+        grid_shape=dataset.grid, accelerator=accelerator,
+    )
+
+    if accelerator.is_main_process:
+        model = GPT.from_pretrained(result.model_dir).eval()
+        images, labels = load_digits_images()
+        judge = fit_digit_judge(images[train_part.indices], labels[train_part.indices], seed=cli.seed)
+        metrics, _ = evaluate_prior(
+            model, train_part, val_part, seed=cli.seed, judge=judge, held_out=result.final_eval,
+            to_pixels=lambda codes: codes_to_images(codebook, codes, patch=2),
+        )
+        write_json_atomic(out / "metrics.json", {"eval": metrics, "processes": accelerator.num_processes})
+        print(json.dumps(metrics, indent=2))
+        print(f"samples: {result.samples_png}\nmodel: {result.model_dir}")
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

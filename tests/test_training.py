@@ -1,0 +1,327 @@
+"""The training loop: learning, parameter groups, schedule, data order, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from codegpt import GPT, GPTConfig
+from codegpt.data import CodeDataset, write_code_dataset
+from codegpt.training import (
+    EpochBatchSampler,
+    TrainingArguments,
+    check_compatible,
+    evaluate,
+    find_resume_checkpoint,
+    lr_lambda,
+    parameter_groups,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; each test gets its own (e.g. fp32, then bf16)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def make_dataset(path: Path, n: int = 96, codebook_size: int = 16, grid=(2, 4), num_classes: int = 3, seed: int = 0):
+    """Codes with structure a model can learn: each class draws from its own few codes, and every
+    code repeats its left neighbour half of the time."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    H, W = grid
+    codes = torch.empty(n, H * W, dtype=torch.long)
+    for i in range(n):
+        base = 4 * int(labels[i]) % codebook_size
+        for j in range(H * W):
+            fresh = base + int(torch.randint(0, 4, (), generator=g))
+            repeat = j > 0 and bool(torch.rand((), generator=g) < 0.5)
+            codes[i, j] = codes[i, j - 1] if repeat else fresh
+    write_code_dataset(path, codes.reshape(n, H, W), labels, codebook_size=codebook_size, num_classes=num_classes)
+    return CodeDataset(path)
+
+
+def tiny_config(dataset, **overrides) -> GPTConfig:
+    kw = dict(
+        vocab_size=dataset.vocab_size,
+        seq_len=dataset.seq_len,
+        embed_dim=32,
+        num_layers=2,
+        num_heads=2,
+        class_conditional=True,
+        num_classes=dataset.num_classes,
+        embd_dropout=0.1,
+        resid_dropout=0.1,
+        class_dropout_prob=0.2,
+    )
+    kw.update(overrides)
+    return GPTConfig(**kw)
+
+
+def tiny_args(out: Path, **overrides) -> TrainingArguments:
+    kw = dict(
+        output_dir=out,
+        max_steps=40,
+        per_device_batch_size=16,
+        learning_rate=3e-3,
+        warmup_steps=5,
+        progress=False,
+        samples_per_class=2,
+        eval_batch_size=7,  # several evaluation batches, one of them partial
+    )
+    kw.update(overrides)
+    return TrainingArguments(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path):
+    dataset = make_dataset(tmp_path / "data")
+    train_part, val_part = dataset.split(0.25, seed=0)
+    result = train(tiny_args(tmp_path / "run", eval_every=10), tiny_config(dataset), train_part, val_part)
+    history = [h["loss_nats"] for h in result.eval_history]
+    assert [h["step"] for h in result.eval_history] == [10, 20, 30, 40]
+    assert history[-1] < history[0] - 0.3, history
+    assert history[-1] < math.log(16)  # better than uniform over the codes
+    final = result.final_eval
+    assert final["bits_per_code"] == pytest.approx(final["loss_nats"] / math.log(2))
+    # The final model loads on its own and scores the held-out split as the loop did.
+    model = GPT.from_pretrained(result.model_dir).eval()
+    batch = torch.utils.data.default_collate([val_part[i] for i in range(len(val_part))])
+    with torch.no_grad():
+        loss = model(batch["input_ids"], labels=batch["labels"], classes=batch["classes"]).loss
+    assert final["loss_nats"] == pytest.approx(float(loss), rel=1e-5)
+    assert final["num_codes"] == len(val_part) * dataset.seq_len
+    again = evaluate(model, val_part, batch_size=5)  # no Accelerator: where the model is
+    assert again == pytest.approx({k: final[k] for k in again})
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [10, 20, 30, 40]
+    assert result.samples_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "run" / "training_args.json").read_text())["max_steps"] == 40
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    dataset = make_dataset(tmp_path / "data", n=32)
+    result = train(
+        tiny_args(tmp_path / "run", max_steps=3, mixed_precision="bf16", gradient_accumulation_steps=2),
+        tiny_config(dataset),
+        dataset,
+        dataset,
+    )
+    assert math.isfinite(result.final_eval["loss_nats"])
+    # Weights stay fp32: autocast computes in bf16, the parameters are not converted.
+    assert GPT.from_pretrained(result.model_dir).lm_head.weight.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer, schedule, data order
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameter_groups_cover_every_parameter_once(tie):
+    model = GPT(GPTConfig(vocab_size=17, seq_len=8, embed_dim=16, num_layers=2, num_heads=2,
+                          class_conditional=True, num_classes=3, tie_word_embeddings=tie))
+    decay, no_decay = parameter_groups(model, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = [id(p) for p in decay["params"] + no_decay["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"wte.weight", "wpe.weight", "cls_emb.weight", "h.0.attn.qkv.weight", "h.1.mlp.fc.weight"} <= decayed
+    assert all(p.dim() == 1 for p in no_decay["params"])  # biases and LayerNorm weights
+    assert "ln_f.weight" in {names[id(p)] for p in no_decay["params"]}
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    values = [lr_lambda(s, warmup_steps=10, max_steps=110, min_lr_ratio=0.1) for s in range(111)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(values[:9], values[1:10], strict=True))
+    assert values[60] == pytest.approx(0.55)  # half way through the cosine
+    assert values[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[10:-1], values[11:], strict=True))
+
+
+def test_data_order_is_a_function_of_seed_epoch_and_global_batch():
+    one = EpochBatchSampler(50, batch_size=8, num_processes=1, process_index=0, seed=3)
+    two = [EpochBatchSampler(50, batch_size=4, num_processes=2, process_index=r, seed=3) for r in range(2)]
+    for epoch in (0, 1):
+        one.set_epoch(epoch)
+        for s in two:
+            s.set_epoch(epoch)
+        single = list(one)
+        split = [a + b for a, b in zip(*two, strict=True)]
+        assert single == split and len(single) == 50 // 8  # the incomplete last batch is dropped
+    one.set_epoch(0)
+    first = list(one)
+    one.set_epoch(1)
+    assert list(one) != first  # a new permutation each epoch
+    one.set_epoch(0, start=16)  # resume after two batches
+    assert list(one) == first[2:]
+
+
+def test_errors_name_what_to_fix(tmp_path):
+    dataset = make_dataset(tmp_path / "data", n=8)
+    with pytest.raises(ValueError, match="per_device_batch_size"):
+        train(tiny_args(tmp_path / "run", per_device_batch_size=16), tiny_config(dataset), dataset)
+    with pytest.raises(ValueError, match=r"set vocab_size=17"):
+        check_compatible(tiny_config(dataset, vocab_size=33, codebook_size=32), 16, (2, 4), 3)
+    with pytest.raises(ValueError, match=r"set seq_len=8"):
+        check_compatible(tiny_config(dataset, seq_len=16), 16, (2, 4), 3)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        TrainingArguments(output_dir=tmp_path, max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainingArguments(output_dir=tmp_path, mixed_precision="fp8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and exact resume
+# ---------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_keep_the_last_k_and_half_written_ones_are_never_picked(tmp_path):
+    dataset = make_dataset(tmp_path / "data", n=48)
+    out = tmp_path / "run"
+    train(tiny_args(out, max_steps=6, save_every=2, save_total_limit=2), tiny_config(dataset), dataset)
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000004", "step-000006"]
+    newest = ckpts / "step-000006"
+    assert (newest / "model" / "model.safetensors").is_file() and (newest / "optimizer.bin").is_file()
+    assert find_resume_checkpoint(out) == newest
+
+    # A kill mid-save leaves a .tmp folder, or (other writers) a folder without the marker, or a
+    # marker cut short: none of them is complete.
+    (ckpts / "step-000008.tmp").mkdir()
+    (ckpts / "step-000008.tmp" / "trainer_state.json").write_text('{"step": 8}')
+    (ckpts / "step-000010").mkdir()
+    (ckpts / "step-000010" / "model.safetensors").write_bytes(b"")
+    (ckpts / "step-000012").mkdir()
+    (ckpts / "step-000012" / "trainer_state.json").write_text('{"step": 1')
+    assert find_resume_checkpoint(out) == newest
+
+    # Without --resume an existing run is not silently mixed with a new one.
+    with pytest.raises(ValueError, match="resume"):
+        train(tiny_args(out, max_steps=6, save_every=2), tiny_config(dataset), dataset)
+    # Resuming a finished run does no steps and keeps its weights.
+    before = load_file(out / "model" / "model.safetensors")
+    result = train(tiny_args(out, max_steps=6, save_every=2, resume=True), tiny_config(dataset), dataset)
+    assert result.step == 6 and result.resumed_from == newest
+    after = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, torch
+    torch.set_num_threads(1)
+    from codegpt import GPTConfig
+    from codegpt.data import CodeDataset
+    from codegpt.training import TrainingArguments, train
+
+    class Slow(torch.utils.data.Dataset):
+        # Slow enough that the kill lands mid-run, between checkpoints.
+        def __init__(self, base): self.base = base
+        def __len__(self): return len(self.base)
+        def __getitem__(self, i):
+            time.sleep(0.004)
+            return self.base[i]
+
+    data, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
+    ds = CodeDataset(data)
+    config = GPTConfig(vocab_size=ds.vocab_size, seq_len=ds.seq_len, embed_dim=32, num_layers=2, num_heads=2,
+                       class_conditional=True, num_classes=ds.num_classes, embd_dropout=0.2, resid_dropout=0.2,
+                       class_dropout_prob=0.3)
+    args = TrainingArguments(output_dir=out, max_steps=30, per_device_batch_size=8, learning_rate=3e-3,
+                             warmup_steps=5, save_every=4, save_total_limit=2, progress=False, resume=resume,
+                             samples_per_class=1)
+    train(args, config, Slow(ds))
+    """
+)
+
+
+def _run(script: Path, *argv: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(script), *argv], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
+    make_dataset(tmp_path / "data", n=40)  # 5 batches an epoch: the kill and resume cross epochs
+    script = tmp_path / "train_script.py"
+    script.write_text(KILL_SCRIPT)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    reference = _run(script, str(tmp_path / "data"), str(full), "fresh")
+    victim = _run(script, str(tmp_path / "data"), str(killed), "fresh")
+
+    deadline = time.monotonic() + 120
+    while find_resume_checkpoint(killed) is None or find_resume_checkpoint(killed).name < "step-000008":
+        assert victim.poll() is None, f"finished before it could be killed:\n{victim.stdout.read()}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(0.15)  # into the steps after the checkpoint, maybe into the next save
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "model").exists(), "the run was not killed mid-way"
+    killed_at = find_resume_checkpoint(killed)
+    assert killed_at is not None and killed_at.name < "step-000030"
+
+    resumed = _run(script, str(tmp_path / "data"), str(killed), "resume")
+    out_resumed, _ = resumed.communicate(timeout=180)
+    out_full, _ = reference.communicate(timeout=180)
+    assert reference.returncode == 0, out_full
+    assert resumed.returncode == 0, out_resumed
+    assert f"resumed from {killed_at}" in out_resumed
+
+    a = load_file(full / "model" / "model.safetensors")
+    b = load_file(killed / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ after resume: {different}"
+
+
+def test_two_process_accelerate_launch_and_single_process_load(tmp_path):
+    dataset = make_dataset(tmp_path / "data", n=64)
+    out = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")), "launch",
+        "--config_file", str(REPO / "examples" / "accelerate_cpu2.yaml"), "--main_process_port", "0",
+        "-m", "codegpt", "train", "--data", str(tmp_path / "data"), "--out", str(out),
+        "--steps", "4", "--batch-size", "8", "--embed-dim", "32", "--layers", "1", "--heads", "2",
+        "--save-every", "2", "--val-fraction", "0.25", "--samples-per-class", "1", "--no-progress",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "held-out:" in proc.stdout and proc.stdout.count("model:") == 1  # one process prints
+
+    state = json.loads((out / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["global_batch"] == 16
+    for folder in (out / "model", out / "checkpoints" / "step-000004" / "model"):
+        model = GPT.from_pretrained(folder)
+        ids = torch.full((2, 1), dataset.start_token_id)
+        assert model(ids, classes=torch.tensor([0, 1])).logits.shape == (2, 1, dataset.vocab_size)
+    final = load_file(out / "model" / "model.safetensors")
+    ckpt = load_file(out / "checkpoints" / "step-000004" / "model" / "model.safetensors")
+    assert all(torch.equal(final[k], ckpt[k]) for k in final)
