@@ -22,6 +22,7 @@ API::
     check_load(others, force=args.force)          # raises SystemExit unless idle (or forced)
     extra_bytes = peak_memory(f)                  # or peak_memory_mb(f)
     check_idle_or_exit(force)                     # a one-second idle check, before or after a run
+    wait_for_idle(timeout=600)                    # or wait (up to 10 min) for the others to finish
 
 Nothing here is specific to one device: synchronisation and memory statistics go through
 ``torch.accelerator`` when an accelerator is in use, and through /proc on a CPU.
@@ -55,6 +56,7 @@ __all__ = [
     "peak_memory_mb",
     "run_fresh",
     "time_call",
+    "wait_for_idle",
 ]
 
 # Other processes may use this share of the machine (all cores together) before figures are refused.
@@ -113,6 +115,18 @@ def idle_now(seconds: float = 1.0) -> float | None:
     monitor = LoadMonitor()
     time.sleep(seconds)
     return monitor.busy()
+
+
+def wait_for_idle(timeout: float, seconds: float = 2.0) -> bool:
+    """Wait up to ``timeout`` seconds for a ``seconds``-long window in which other processes use at
+    most ``MAX_OTHERS_BUSY`` of the machine; returns whether one came."""
+    deadline = time.monotonic() + timeout
+    while True:
+        others = idle_now(seconds)
+        if others is None or others <= MAX_OTHERS_BUSY:
+            return True
+        if time.monotonic() >= deadline:
+            return False
 
 
 def machine_is_idle(seconds: float = 1.0) -> bool:

@@ -2,8 +2,8 @@
 identical shape (default ``DynamicCache`` and ``cache_implementation="static"``) and a naive no-cache
 loop, all sampling whole images with top-k 100 from one start token.
 
-    python bench/bench_sample.py                          # every row: about an hour on 2 cores
-    python bench/bench_sample.py --rows seed-b8 --rounds 3
+    python bench/bench_sample.py --breakdown              # every row (the B64 rows take most of it)
+    python bench/bench_sample.py --rows seed-b8 --rounds 5
     python bench/bench_sample.py --rows seed-b1 --new-tokens 256 --no-fresh --force   # a quick look
 
 Warm figures: every contender is warmed up once, then rounds are interleaved (the order rotates) and
@@ -11,6 +11,9 @@ the median of per-round time ratios is reported. First-call figures and peak mem
 processes, one per contender: a one-shot sampling script meets a cold allocator, and transformers'
 default cache is much slower then. Peak memory is the peak resident set above the one before the call
 (CPU) or peak allocated memory (accelerators).
+
+``--breakdown`` splits codegpt's decode step into weight matmuls, attention over the filled cache,
+sampling and per-op overhead, by timing variants of the same call (see ``breakdown``).
 
 The naive loop (a full forward over the whole prefix for every code, as minGPT and nanoGPT sample) is
 too slow to run to the end: its time is the integral (Simpson's rule) of its step time measured at 5
@@ -27,12 +30,15 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
+    MAX_OTHERS_BUSY,
     LoadMonitor,
     check_load,
     idle_now,
@@ -41,6 +47,7 @@ from _harness import (  # noqa: E402
     peak_memory,
     run_fresh,
     time_call,
+    wait_for_idle,
 )
 
 from codegpt import GPT, GPTConfig  # noqa: E402
@@ -137,48 +144,103 @@ def child(row: str, contender: str, new_tokens: int, device: str) -> None:
     print(json.dumps(result))
 
 
-def breakdown(row: str, new_tokens: int, device: str) -> str:
-    """Where a codegpt decode step's time goes, from a profile of one whole sampling call.
+def breakdown(row: str, new_tokens: int, rounds: int, device: str) -> str:
+    """Where a codegpt decode step's time goes, by subtraction rather than by profiler (which adds
+    its own cost to every small op and so inflates exactly the part we want to see).
 
-    Op self times are grouped into weight matmuls, attention over the filled cache, sampling (the
-    processors, softmax, multinomial) and the remaining small ops; what the profiler does not see
-    (Python, argument parsing, dispatch) is the wall time minus all of them.
+    Four variants of the same sampling call, interleaved:
+      full        the real call;
+      no-attn     attention replaced by returning the queries (same shapes, no reads of the cache);
+      tiny        the same ops on a model of width 8 (one value per head): Python, dispatch and
+                  sampling over the same vocabulary, next to no arithmetic;
+      tiny-greedy the same without top-k / softmax / multinomial.
+    attention = full - no-attn; weight matmuls (and the other arithmetic) = no-attn - tiny;
+    sampling = tiny - tiny-greedy; per-op overhead = tiny-greedy.
     """
-    from torch.profiler import profile
+    import types
+
+    import codegpt.sampling as sampling
 
     ours, _, batch = build(row, device)
+    vocab, seq_len, _, layers, heads, _ = ROWS[row]
+    tiny = GPT(GPTConfig(vocab_size=vocab, seq_len=seq_len, embed_dim=heads, num_layers=layers,
+                         num_heads=heads)).to(device).eval()
     start = torch.full((batch, 1), ours.config.start_token_id, dtype=torch.long, device=device)
+    no_attention = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
+    no_attention.scaled_dot_product_attention = lambda q, k, v, is_causal=False: q
 
-    def call():
-        return generate(ours, start, max_new_tokens=new_tokens, top_k=TOP_K)
+    def variant(model, top_k=TOP_K, functional=F):
+        def run():
+            sampling.F = functional
+            try:
+                return generate(model, start, max_new_tokens=new_tokens, top_k=top_k,
+                                temperature=1.0 if top_k else 0.0)
+            finally:
+                sampling.F = F
+        return run
 
-    call()
-    wall = statistics.median(time_call(call, device) for _ in range(3))
-    with profile() as prof:
-        call()
-    groups = {
-        "weight matmuls": {"addmm", "mm", "bmm", "matmul", "linear"},
-        "attention over the filled cache": {"scaled_dot_product_attention",
-                                            "_scaled_dot_product_flash_attention_for_cpu",
-                                            "_scaled_dot_product_flash_attention",
-                                            "_scaled_dot_product_efficient_attention",
-                                            "_scaled_dot_product_cudnn_attention"},
-        "sampling (top-k, softmax, multinomial)": {"topk", "softmax", "_softmax", "multinomial", "exponential_",
-                                                   "lt", "masked_fill", "argmax", "div", "fill_", "sort",
-                                                   "cumsum", "scatter", "log_softmax", "_log_softmax"},
+    times = interleave({"full": variant(ours), "no-attn": variant(ours, functional=no_attention),
+                        "tiny": variant(tiny), "tiny-greedy": variant(tiny, top_k=None)}, rounds, 1, device)
+    ms = {k: 1e3 * statistics.median(v) / new_tokens for k, v in times.items()}
+    parts = {
+        "weight matmuls (and the other arithmetic)": ms["no-attn"] - ms["tiny"],
+        "attention over the filled cache": ms["full"] - ms["no-attn"],
+        "sampling (top-k warper, softmax, multinomial)": ms["tiny"] - ms["tiny-greedy"],
+        "per-op overhead (Python, dispatch, small kernels)": ms["tiny-greedy"],
     }
-    other = "other ops (layer norm, GELU, adds, cache writes)"
-    spent = dict.fromkeys([*groups, other], 0.0)
-    for event in prof.key_averages():
-        name = event.key.removeprefix("aten::")
-        group = next((g for g, names in groups.items() if name in names), other)
-        spent[group] += event.self_cpu_time_total / 1e6
-    spent["Python and per-op overhead (unprofiled)"] = max(0.0, wall - sum(spent.values()))
-    lines = [f"Per decode step, {row} ({ROWS[row][1]} codes, B{batch}), {new_tokens} steps, "
-             f"{1e3 * wall / new_tokens:.2f} ms/step:", "", "| part | ms/step | share |", "|---|---|---|"]
-    for part, seconds in spent.items():
-        lines.append(f"| {part} | {1e3 * seconds / new_tokens:.2f} | {seconds / wall:.0%} |")
+    lines = [f"Per decode step, {seq_len} codes, e{ours.config.embed_dim}, B{batch}, averaged over "
+             f"{new_tokens} steps: {ms['full']:.2f} ms", "", "| part | ms/step | share |", "|---|---|---|"]
+    lines += [f"| {part} | {t:.2f} | {t / ms['full']:.0%} |" for part, t in parts.items()]
     return "\n".join(lines)
+
+
+def shape_name(row: str) -> str:
+    vocab, seq_len, embed, layers, heads, batch = ROWS[row]
+    return f"{seq_len} codes, e{embed}, L{layers}, B{batch}"
+
+
+def warm_row(row: str, n: int, args: argparse.Namespace) -> str:
+    """Warm, interleaved timings of every contender: one markdown table row."""
+    ours, gpt2, batch = build(row, args.device)
+    times = timed_rounds(contenders(ours, gpt2, batch, n, args.device), args.rounds, args.device)
+    tok_s = {k: batch * n / statistics.median(v) for k, v in times.items()}
+    ratio = {k: median_ratio(v, times["codegpt"]) for k, v in times.items()}
+    return (f"| {shape_name(row)} | {tok_s['codegpt']:.0f} | {tok_s['hf-default']:.0f} ({ratio['hf-default']:.2f}x) | "
+            f"{tok_s['hf-static']:.0f} ({ratio['hf-static']:.2f}x) | {tok_s['naive']:.1f} est. "
+            f"({ratio['naive']:.0f}x) |")
+
+
+def fresh_row(row: str, n: int, args: argparse.Namespace) -> str:
+    """First call and peak memory of every contender, each in a fresh process: one table row."""
+    fresh = {}
+    for name in CONTENDERS:
+        argv = [__file__, "--child", row, name, "--new-tokens", str(n), "--device", args.device]
+        if args.threads:
+            argv += ["--threads", str(args.threads)]
+        fresh[name] = run_fresh(argv)
+    first = {k: ROWS[row][5] * n / v["seconds"] for k, v in fresh.items()}
+    mib = {k: v["peak_bytes"] / 2**20 for k, v in fresh.items()}
+    return (f"| {shape_name(row)} | {first['codegpt']:.0f} | {first['hf-default']:.0f} "
+            f"({first['codegpt'] / first['hf-default']:.2f}x) | {first['hf-static']:.0f} "
+            f"({first['codegpt'] / first['hf-static']:.2f}x) | {mib['codegpt']:.0f} | {mib['hf-default']:.0f} | "
+            f"{mib['hf-static']:.0f} | {mib['naive']:.0f} |")
+
+
+def measured(run, what: str, args: argparse.Namespace) -> str:
+    """``run()`` under a ``LoadMonitor``. With ``--wait``, a run that other processes disturbed is
+    redone after the machine is idle again (up to 3 tries); otherwise, or after the last try, the
+    usual refusal (or, with ``--force``, a warning appended to the result)."""
+    for attempt in range(3 if args.wait else 1):
+        if args.wait:
+            wait_for_idle(args.wait)
+        monitor = LoadMonitor()
+        result = run()
+        others = monitor.busy()
+        if not args.wait or others is None or others <= MAX_OTHERS_BUSY or attempt == 2:
+            break
+        print(f"({what} disturbed: other processes used {others:.0%} of the machine; redoing it)", flush=True)
+    warning = check_load(others, args.force, what)
+    return result + (f" {warning}" if warning else "")
 
 
 def main() -> None:
@@ -189,8 +251,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-fresh", action="store_true", help="skip the first-call and memory runs")
-    parser.add_argument("--breakdown", action="store_true", help="also profile codegpt's decode step per row")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also split codegpt's decode step into matmuls, attention, sampling, overhead")
     parser.add_argument("--force", action="store_true", help="report even when the machine is busy")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to SECONDS for an idle machine before each part, and redo disturbed parts")
     parser.add_argument("--child", nargs=2, metavar=("ROW", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -201,51 +266,25 @@ def main() -> None:
         child(row, args.child[1], args.new_tokens or ROWS[row][1], args.device)
         return
 
+    if args.wait and not wait_for_idle(args.wait):
+        print(f"the machine stayed busy for {args.wait:.0f} s", flush=True)
     warning = check_load(idle_now(1.0), args.force, "an idle check before the run")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, top-k {TOP_K}, "
-          f"{args.rounds} interleaved rounds after 1 warm-up; ratios are medians of per-round ratios")
+          f"{args.rounds} interleaved rounds after 1 warm-up; ratios are medians of per-round ratios", flush=True)
     if warning:
         print(warning)
     warm_rows, fresh_rows, breakdowns = [], [], []
     for row in args.rows:
-        vocab, seq_len, embed, layers, heads, batch = ROWS[row]
-        n = args.new_tokens or seq_len
-        shape = f"{seq_len} codes, e{embed}, L{layers}, B{batch}"
-        ours, gpt2, batch = build(row, args.device)
-        monitor = LoadMonitor()
-        times = timed_rounds(contenders(ours, gpt2, batch, n, args.device), args.rounds, args.device)
-        warning = check_load(monitor.busy(), args.force, f"the timings of {row}")
-        tok_s = {k: batch * n / statistics.median(v) for k, v in times.items()}
-        ratio = {k: median_ratio(v, times["codegpt"]) for k, v in times.items()}
-        warm_rows.append(
-            f"| {shape} | {tok_s['codegpt']:.0f} | {tok_s['hf-default']:.0f} ({ratio['hf-default']:.2f}x) | "
-            f"{tok_s['hf-static']:.0f} ({ratio['hf-static']:.2f}x) | {tok_s['naive']:.0f} est. "
-            f"({ratio['naive']:.1f}x) |" + (f" {warning}" if warning else "")
-        )
+        n = args.new_tokens or ROWS[row][1]
+        warm_rows.append(measured(partial(warm_row, row, n, args), f"the timings of {row}", args))
         print(warm_rows[-1], flush=True)
-        del ours, gpt2
         if args.breakdown:
-            breakdowns.append(breakdown(row, n, args.device))
+            breakdowns.append(measured(partial(breakdown, row, n, args.rounds, args.device),
+                                       f"the breakdown of {row}", args))
             print(breakdowns[-1], flush=True)
-        if args.no_fresh:
-            continue
-        monitor = LoadMonitor()
-        fresh = {}
-        for name in CONTENDERS:
-            argv = [__file__, "--child", row, name, "--new-tokens", str(n), "--device", args.device]
-            if args.threads:
-                argv += ["--threads", str(args.threads)]
-            fresh[name] = run_fresh(argv)
-        warning = check_load(monitor.busy(), args.force, f"the first calls of {row}")
-        first = {k: batch * n / v["seconds"] for k, v in fresh.items()}
-        mib = {k: v["peak_bytes"] / 2**20 for k, v in fresh.items()}
-        fresh_rows.append(
-            f"| {shape} | {first['codegpt']:.0f} | {first['hf-default']:.0f} "
-            f"({first['codegpt'] / first['hf-default']:.2f}x) | {first['hf-static']:.0f} "
-            f"({first['codegpt'] / first['hf-static']:.2f}x) | {mib['codegpt']:.0f} | {mib['hf-default']:.0f} | "
-            f"{mib['hf-static']:.0f} | {mib['naive']:.0f} |" + (f" {warning}" if warning else "")
-        )
-        print(fresh_rows[-1], flush=True)
+        if not args.no_fresh:
+            fresh_rows.append(measured(partial(fresh_row, row, n, args), f"the first calls of {row}", args))
+            print(fresh_rows[-1], flush=True)
 
     print("\nWarm (generated tokens/s; in brackets how many times faster codegpt is)\n")
     print("| shape | codegpt | transformers default cache | transformers static cache | naive no-cache loop |")

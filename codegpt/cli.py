@@ -106,10 +106,19 @@ def _model_dir(path: str | os.PathLike) -> Path:
     )
 
 
-def _load_model(path: str | os.PathLike):
+def _load_model(path: str | os.PathLike, device: str = "auto"):
+    import torch
+
     from .modeling_codegpt import GPT
 
-    return GPT.from_pretrained(_model_dir(path)).eval()
+    if device == "auto":
+        found = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+        device = str(found) if found is not None else "cpu"
+    try:
+        target = torch.device(device)
+    except RuntimeError as err:
+        raise CLIError(f"--device {device!r}: {err}") from None
+    return GPT.from_pretrained(_model_dir(path)).to(target).eval()
 
 
 def _decoder(codebook_dir: str | None, patch: int | None) -> Callable | None:
@@ -508,6 +517,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--grid", help="code grid HxW (default: square seq_len)")
     p.add_argument("--codebook", help="saved patch codebook, to draw pixels")
     p.add_argument("--patch", type=_positive_int, help="patch side of --codebook's vectors (default: sqrt(dim))")
+    p.add_argument("--device", default="auto", help="where to sample: auto (the accelerator if any), cpu, cuda:0, ...")
     p.set_defaults(func=_run_sample)
 
 
@@ -531,17 +541,16 @@ def _run_sample(args: argparse.Namespace) -> int:
     from .sampling import generate
     from .training import render_codes, save_image_grid
 
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.device)
     config = model.config
     grid = _grid_shape(args.grid, config.seq_len)
     decode = _decoder(args.codebook, args.patch)
-    generator = torch.Generator().manual_seed(args.seed)
     if config.class_conditional:
         wanted = args.classes if args.classes is not None else list(range(config.num_classes))
         bad = [c for c in wanted if not 0 <= c < config.num_classes]
         if bad or not wanted:
             raise CLIError(f"--classes must be ids in [0, {config.num_classes}), got {args.classes}")
-        classes = torch.tensor(wanted).repeat_interleave(args.per_class)
+        classes = torch.tensor(wanted).repeat_interleave(args.per_class).to(model.device)
         rows = len(wanted)
     else:
         if args.classes is not None:
@@ -556,11 +565,11 @@ def _run_sample(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
-            generator=generator,
+            generator=args.seed,  # a generator on the model's device, seeded
         )
     except (TypeError, ValueError) as err:
         raise CLIError(str(err)) from None
-    codes = tokens[:, 1:]
+    codes = tokens[:, 1:].cpu()
     images = render_codes(codes, grid, decode, config.codebook_size)
     png = save_image_grid(images, args.out, rows=rows)
     _print(f"samples: {png} ({codes.shape[0]} images, {rows} row{'s' if rows > 1 else ''})")
@@ -569,7 +578,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
         tensors = {"codes": codes.reshape(-1, *grid).contiguous()}
         if classes is not None:
-            tensors["classes"] = classes.contiguous()
+            tensors["classes"] = classes.cpu().contiguous()
         target = Path(args.codes_out)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp))
@@ -607,6 +616,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--codebook", help="the digits' patch codebook (needed with --digits)")
     p.add_argument("--patch", type=_positive_int, default=2)
     p.add_argument("--out", help="write the metrics to this JSON file")
+    p.add_argument("--device", default="auto", help="where to run: auto (the accelerator if any), cpu, cuda:0, ...")
     p.set_defaults(func=_run_eval)
 
 
@@ -614,7 +624,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_prior, fit_digit_judge
     from .training import check_compatible, write_json_atomic
 
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.device)
     dataset = _open_dataset(args.data)
     num_classes = dataset.num_classes if model.config.class_conditional else 0
     try:
@@ -655,6 +665,11 @@ def _run_eval(args: argparse.Namespace) -> int:
         to_pixels=to_pixels,
         judge=judge,
     )
+    if args.digits:
+        from .evaluation import digit_judge_accuracy
+
+        val_idx = val_part.indices
+        metrics.update(digit_judge_accuracy(judge, codebook, images[val_idx], labels[val_idx], patch=args.patch))
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         _print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")

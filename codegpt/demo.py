@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .configuration_codegpt import GPTConfig
-from .evaluation import class_consistency, evaluate_prior, fit_digit_judge, split_indices
+from .evaluation import digit_judge_accuracy, evaluate_prior, fit_digit_judge, split_indices
 from .training import TrainingArguments, save_image_grid, train, write_json_atomic
 
 __all__ = ["DemoSettings", "TARGETS", "prepare_digits", "digits_decoder", "run_demo", "format_report"]
@@ -125,17 +125,6 @@ def digits_decoder(codebook, patch: int = 2, scale: float = 16.0):
     return decode
 
 
-def _judge_report(judge, codebook, patch: int, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The judge's accuracy on real held-out digits and on the same digits through the codebook."""
-    from .digits import codes_to_images, patchify
-
-    reconstructed = codes_to_images(codebook, codebook.encode(patchify(images, patch)), patch=patch)
-    return {
-        "judge_accuracy_real": class_consistency(judge, images, labels),
-        "judge_accuracy": class_consistency(judge, reconstructed, labels),
-    }
-
-
 def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the whole demo (see the module docstring); returns the metrics written to metrics.json."""
     from .digits import DIGITS_MAX_VALUE, codes_to_images, load_digits_images
@@ -197,7 +186,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
         judge=judge,
         held_out=result.final_eval,  # measured by train() at the last step
     )
-    metrics.update(_judge_report(judge, codebook, s.patch, images[val_idx], labels[val_idx]))
+    metrics.update(digit_judge_accuracy(judge, codebook, images[val_idx], labels[val_idx], patch=s.patch))
     cb = digits["codebook_metrics"]
     metrics["codebook_mse"] = cb.get("mse_held_out", cb["mse"])
     metrics["codebook_mse_train"] = cb.get("mse_fit", cb["mse"])

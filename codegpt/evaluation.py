@@ -33,6 +33,7 @@ __all__ = [
     "novelty",
     "sample_classes",
     "fit_digit_judge",
+    "digit_judge_accuracy",
     "class_consistency",
 ]
 
@@ -166,6 +167,19 @@ def fit_digit_judge(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np
     X = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
     y = np.asarray(labels)
     return SVC(C=10.0, gamma="scale", random_state=seed).fit(X, y)
+
+
+def digit_judge_accuracy(judge: Any, codebook: Any, images: torch.Tensor, labels: torch.Tensor,
+                         patch: int = 2) -> dict[str, float]:
+    """The judge's accuracy on real digits (N, 8, 8) and on the same digits passed through the patch
+    codebook (encode, decode): how far its verdicts on decoded samples can be trusted."""
+    from .digits import codes_to_images, patchify
+
+    reconstructed = codes_to_images(codebook, codebook.encode(patchify(images, patch)), patch=patch)
+    return {
+        "judge_accuracy_real": class_consistency(judge, images, labels),
+        "judge_accuracy": class_consistency(judge, reconstructed, labels),
+    }
 
 
 def class_consistency(judge: Any, images: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray) -> float:

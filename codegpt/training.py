@@ -2,7 +2,15 @@
 
 ``train(args, model, train_dataset, eval_dataset)`` runs it; ``codegpt train`` and the demo are thin
 layers over it. Nothing here names a device: Accelerate picks it, and ``accelerate launch`` decides
-how many processes share the work.
+how many processes share the work::
+
+    codegpt train --data codes --out run                                   # one process
+    accelerate launch --multi_gpu --num_processes 4 -m codegpt train ...   # four GPUs
+    accelerate launch --config_file examples/accelerate_cpu2.yaml -m codegpt train ...  # two CPU processes
+
+(``accelerate launch --cpu --num_processes 2`` starts a single process in Accelerate 1.x unless
+mpirun is configured; the multi-GPU launcher, which the example config selects, starts one process
+per rank, and on a machine without an accelerator they form a gloo group over the CPU.)
 
 A run folder holds::
 
@@ -23,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import re
@@ -55,11 +62,11 @@ __all__ = [
     "lr_lambda",
     "find_resume_checkpoint",
     "check_compatible",
+    "EpochBatchSampler",
+    "render_codes",
     "save_image_grid",
     "write_json_atomic",
 ]
-
-logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")

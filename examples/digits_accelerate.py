@@ -29,8 +29,9 @@ from codegpt.training import TrainingArguments, make_accelerator, train, write_j
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="digits-run")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="per process (2 processes x 32 = the demo's global batch of 64)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100)
@@ -48,6 +49,7 @@ def main() -> None:
         per_device_batch_size=cli.batch_size,
         learning_rate=cli.lr,
         warmup_steps=50,
+        weight_decay=0.3,
         mixed_precision=cli.mixed_precision,
         seed=cli.seed,
         eval_every=100,
@@ -77,6 +79,7 @@ def main() -> None:
         class_conditional=True,
         num_classes=dataset.num_classes,
         class_dropout_prob=0.05,
+        tie_word_embeddings=True,
     )
     result = train(
         args, config, train_part, val_part,

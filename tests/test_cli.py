@@ -88,6 +88,7 @@ def test_sample_and_eval_on_the_demo_output(demo_dir, tmp_path, capsys):
     assert metrics["bits_per_code"] == pytest.approx(demo["bits_per_code"], rel=1e-6)
     assert metrics["baseline_bits_per_code"] == pytest.approx(demo["baseline_bits_per_code"])
     assert 0.0 <= metrics["class_consistency_unguided"] <= 1.0
+    assert metrics["judge_accuracy"] == demo["judge_accuracy"]
     assert "bits_per_code" in capsys.readouterr().out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from codegpt import GPT, GPTConfig
@@ -32,14 +33,17 @@ from codegpt.training import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state; each test gets its own (e.g. fp32, then bf16)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
+def reset_accelerate() -> None:
+    """Accelerate keeps one process-wide state that a later Accelerator cannot change (e.g. fp32,
+    then bf16); tests that train in-process start from a clean one."""
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate()
 
 
 def make_dataset(path: Path, n: int = 96, codebook_size: int = 16, grid=(2, 4), num_classes: int = 3, seed: int = 0):
@@ -132,6 +136,23 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
     assert math.isfinite(result.final_eval["loss_nats"])
     # Weights stay fp32: autocast computes in bf16, the parameters are not converted.
     assert GPT.from_pretrained(result.model_dir).lm_head.weight.dtype == torch.float32
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """Two micro-batches of 8 with accumulation = one batch of 16: the same samples per update (the
+    data order depends on the global batch only) and the same mean loss. No dropout, so no RNG."""
+    dataset = make_dataset(tmp_path / "data", n=64)
+    config = tiny_config(dataset, embd_dropout=0.0, resid_dropout=0.0, class_dropout_prob=0.0)
+    weights = []
+    for name, batch, accumulation in (("big", 16, 1), ("accumulated", 8, 2)):
+        args = tiny_args(tmp_path / name, max_steps=6, per_device_batch_size=batch,
+                         gradient_accumulation_steps=accumulation)
+        result = train(args, config, dataset)
+        weights.append(load_file(result.model_dir / "model.safetensors"))
+        reset_accelerate()  # the next run has another accumulation setting
+    big, accumulated = weights
+    for key in big:
+        torch.testing.assert_close(accumulated[key], big[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +273,7 @@ KILL_SCRIPT = textwrap.dedent(
     ds = CodeDataset(data)
     config = GPTConfig(vocab_size=ds.vocab_size, seq_len=ds.seq_len, embed_dim=32, num_layers=2, num_heads=2,
                        class_conditional=True, num_classes=ds.num_classes, embd_dropout=0.2, resid_dropout=0.2,
-                       class_dropout_prob=0.3)
+                       class_dropout_prob=0.3, tie_word_embeddings=True)
     args = TrainingArguments(output_dir=out, max_steps=30, per_device_batch_size=8, learning_rate=3e-3,
                              warmup_steps=5, save_every=4, save_total_limit=2, progress=False, resume=resume,
                              samples_per_class=1)
