@@ -29,6 +29,15 @@ class CLIError(Exception):
     """An error the user can fix; printed without a traceback."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not the uninformative ones (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.help is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------------
@@ -176,27 +185,30 @@ def _add_demo(sub) -> None:
             "judge the samples. Writes OUT/samples.png (one row per class) and OUT/metrics.json. "
             "Needs scikit-learn (pip install 'codegpt[demo]')."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--out", default=str(d.out_dir), help="output folder (re-running overwrites it)")
     p.add_argument("--seed", type=_non_negative_int, default=d.seed,
                    help="seeds the codebook, split, prior and samples")
     p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="sequences per step")
     p.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="on matrices only")
-    p.add_argument("--embed-dim", type=_positive_int, default=d.embed_dim)
-    p.add_argument("--layers", type=_positive_int, default=d.num_layers)
-    p.add_argument("--heads", type=_positive_int, default=d.num_heads)
+    p.add_argument("--embed-dim", type=_positive_int, default=d.embed_dim, help="prior width")
+    p.add_argument("--layers", type=_positive_int, default=d.num_layers, help="prior depth")
+    p.add_argument("--heads", type=_positive_int, default=d.num_heads, help="attention heads")
     p.add_argument("--dropout", type=_fraction, default=d.dropout, help="embedding and residual dropout")
-    p.add_argument("--class-dropout", type=_fraction, default=d.class_dropout, help="for guidance")
+    p.add_argument("--class-dropout", type=_fraction, default=d.class_dropout,
+                   help="probability of training on the null class (for guidance)")
     p.add_argument("--num-codes", type=_positive_int, default=d.num_codes, help="codebook size")
     p.add_argument("--samples-per-class", type=_positive_int, default=d.samples_per_class,
                    help="samples per class for the consistency and novelty figures")
-    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
+    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale,
+                   help="classifier-free guidance of the guided samples")
     p.add_argument("--grid-columns", type=_positive_int, default=d.grid_columns,
                    help="samples per row (class) in samples.png")
-    p.add_argument("--mixed-precision", "--mixed_precision", choices=["no", "bf16", "fp16"], default="no")
+    p.add_argument("--mixed-precision", "--mixed_precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast for training ('no' is fp32)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run_demo)
 
@@ -247,7 +259,7 @@ def _add_fit_codebook(sub) -> None:
             "safetensors file with a float tensor 'latents' (N, H, W, D) and optionally an int tensor 'labels' "
             "(N,))."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--digits", action="store_true", help="scikit-learn's 8x8 digits, 2x2 patches")
@@ -353,21 +365,22 @@ def _add_train(sub) -> None:
         "train",
         help="train a prior on a code dataset (run it under `accelerate launch -m codegpt train`)",
         description=(
-            "Train a GPT prior on a code dataset. One process: `codegpt train ...`; several processes or "
-            "GPUs: `accelerate launch [--num_processes N] -m codegpt train ...`. The model's vocabulary, "
+            "Train a GPT prior on a code dataset. One process: `codegpt train ...`; several GPUs: `accelerate "
+            "launch --multi_gpu --num_processes N -m codegpt train ...`; two CPU processes: `accelerate launch "
+            "--config_file examples/accelerate_cpu2.yaml -m codegpt train ...`. The model's vocabulary, "
             "sequence length and classes come from the dataset; --config gives a full GPTConfig instead "
             "(JSON file or model folder), checked against the dataset. Writes OUT/model (save_pretrained), "
             "OUT/checkpoints, OUT/log.jsonl and OUT/samples.png."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--data", required=True, help="code dataset folder (see `codegpt fit-codebook`)")
     p.add_argument("--out", required=True, help="run folder")
     g = p.add_argument_group("model")
     g.add_argument("--config", help="GPTConfig JSON file or model folder (overrides the flags below)")
-    g.add_argument("--embed-dim", type=_positive_int, default=256)
-    g.add_argument("--layers", type=_positive_int, default=8)
-    g.add_argument("--heads", type=_positive_int, default=8)
+    g.add_argument("--embed-dim", type=_positive_int, default=256, help="width")
+    g.add_argument("--layers", type=_positive_int, default=8, help="depth")
+    g.add_argument("--heads", type=_positive_int, default=8, help="attention heads")
     g.add_argument("--dropout", type=_fraction, default=0.1, help="embedding and residual dropout")
     g.add_argument("--class-dropout", type=_fraction, default=0.1,
                    help="probability of training on the null class (for guidance)")
@@ -375,7 +388,7 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--val-fraction", type=_fraction, default=DEFAULT_VAL_FRACTION,
                    help="held out for evaluation (0: no evaluation)")
-    g.add_argument("--split-seed", type=_non_negative_int, default=0)
+    g.add_argument("--split-seed", type=_non_negative_int, default=0, help="seeds the train/val split")
     g.add_argument("--num-workers", type=_non_negative_int, default=d.num_workers, help="DataLoader workers")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=_positive_int, default=d.max_steps, help="optimizer steps")
@@ -384,18 +397,19 @@ def _add_train(sub) -> None:
                    help="gradient accumulation steps")
     g.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr (cosine)")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=d.warmup_steps)
+    g.add_argument("--warmup-steps", type=_non_negative_int, default=d.warmup_steps, help="linear warmup")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="on matrices only")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clipping; 0 turns it off")
     g.add_argument("--mixed-precision", "--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
                    help="default: as `accelerate launch` is configured, else fp32")
-    g.add_argument("--seed", type=_non_negative_int, default=d.seed)
+    g.add_argument("--seed", type=_non_negative_int, default=d.seed, help="seeds the weights, data order, dropout")
     g = p.add_argument_group("evaluation, samples and checkpoints")
     g.add_argument("--eval-every", type=_non_negative_int, default=d.eval_every, help="steps; 0: at the end only")
     g.add_argument("--save-every", type=_non_negative_int, default=500, help="steps; 0: no checkpoints")
     g.add_argument("--save-total-limit", type=_positive_int, default=d.save_total_limit, help="checkpoints kept")
     g.add_argument("--sample-every", type=_non_negative_int, default=d.sample_every, help="steps; 0: at the end")
-    g.add_argument("--samples-per-class", type=_positive_int, default=d.samples_per_class)
+    g.add_argument("--samples-per-class", type=_positive_int, default=d.samples_per_class,
+                   help="columns of the sample grids")
     g.add_argument("--guidance-scale", type=float, default=None, help="for the sample grids")
     g.add_argument("--codebook", help="saved patch codebook, to draw samples as pixels")
     g.add_argument("--patch", type=_positive_int, help="patch side of --codebook's vectors (default: sqrt(dim))")
@@ -501,7 +515,7 @@ def _add_sample(sub) -> None:
             "(one row each) or of --classes; an unconditional one draws --num-samples. Writes a PNG (pixels "
             "through --codebook, else one coloured cell per code) and optionally the codes as safetensors."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("model", help="model folder (save_pretrained) or training run folder")
     p.add_argument("--out", default="samples.png", help="PNG to write")
@@ -511,9 +525,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--num-samples", type=_positive_int, default=16, help="unconditional model: how many")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (1 or unset: off)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=_non_negative_int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--top-k", type=_non_negative_int, default=None, help="keep the k likeliest codes")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="the same seed gives the same samples")
     p.add_argument("--grid", help="code grid HxW (default: square seq_len)")
     p.add_argument("--codebook", help="saved patch codebook, to draw pixels")
     p.add_argument("--patch", type=_positive_int, help="patch side of --codebook's vectors (default: sqrt(dim))")
@@ -602,19 +616,20 @@ def _add_eval(sub) -> None:
             "novelty of samples (not copies of a training grid), and, with --digits, class consistency judged "
             "by an SVC trained on the real training digits."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("model", help="model folder (save_pretrained) or training run folder")
     p.add_argument("--data", required=True, help="code dataset folder the model was trained on")
-    p.add_argument("--val-fraction", type=_fraction, default=DEFAULT_VAL_FRACTION)
-    p.add_argument("--split-seed", type=_non_negative_int, default=0)
+    p.add_argument("--val-fraction", type=_fraction, default=DEFAULT_VAL_FRACTION,
+                   help="held-out share, as in training")
+    p.add_argument("--split-seed", type=_non_negative_int, default=0, help="as in training")
     p.add_argument("--samples-per-class", type=_positive_int, default=100,
                    help="samples per class (unconditional model: samples in all)")
-    p.add_argument("--guidance-scale", type=float, default=2.0)
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=2.0, help="for the guided samples")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seeds the samples and the judge")
     p.add_argument("--digits", action="store_true", help="the data is the digits set: judge class consistency")
     p.add_argument("--codebook", help="the digits' patch codebook (needed with --digits)")
-    p.add_argument("--patch", type=_positive_int, default=2)
+    p.add_argument("--patch", type=_positive_int, default=2, help="patch side of --codebook's vectors")
     p.add_argument("--out", help="write the metrics to this JSON file")
     p.add_argument("--device", default="auto", help="where to run: auto (the accelerator if any), cpu, cuda:0, ...")
     p.set_defaults(func=_run_eval)

@@ -1,8 +1,9 @@
 """How good is a prior: held-out bits per code against a baseline, novelty, class consistency.
 
-- ``held_out_bits``: the prior's mean negative log-likelihood per code on held-out codes (see
-  ``codegpt.training.evaluate``), and ``independent_baseline_bits``: the same for a model that draws
-  every position independently from its class-conditional histogram (add-one smoothing). The
+- ``evaluate_prior``: everything below on one split, as ``codegpt eval`` and the demo report it.
+- held-out bits per code: the prior's mean negative log-likelihood per code on held-out codes
+  (``codegpt.training.evaluate``), and ``independent_baseline_bits``: the same for a model that
+  draws every position independently from its class-conditional histogram (add-one smoothing). The
   ratio says how much the transformer gains from modelling codes jointly.
 - ``novelty``: the fraction of sampled code grids that are not copies of a training grid, and
   whether all samples are distinct. A prior that memorised its training set scores near 0.

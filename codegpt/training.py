@@ -283,16 +283,37 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield order[mine : mine + self.batch_size].tolist()
 
 
-def _loader(dataset: Dataset, batch_sampler: Sampler, num_workers: int, seed: int) -> DataLoader:
-    # An explicit generator: without it every new iterator draws its base seed from torch's global
-    # RNG, which would shift dropout masks between an uninterrupted run and a resumed one.
-    return DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
-    )
+class _DataStream:
+    """Endless micro-batches for this process, epoch after epoch, that know where they are: the
+    (epoch, samples consumed in it) pair a checkpoint saves and a resumed run starts from."""
+
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, num_workers: int, seed: int,
+                 epoch: int = 0, position: int = 0) -> None:
+        self.dataset, self.sampler, self.num_workers, self.seed = dataset, sampler, num_workers, seed
+        self.epoch, self.position = epoch, position
+        self._batches = self._open()
+
+    def _open(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.sampler.set_epoch(self.epoch, self.position)
+        # An explicit generator: without it every new iterator draws its base seed from torch's
+        # global RNG, which would shift dropout masks between an uninterrupted run and a resumed one.
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        return iter(loader)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = self._open()
+            batch = next(self._batches)
+        self.position += self.sampler.global_batch
+        return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,6 +648,10 @@ def _has_accelerator() -> bool:
 def _prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Path | None:
     """Decide where to start: the newest complete checkpoint (resume) or nothing."""
     out = Path(args.output_dir)
+    if accelerator.is_main_process and (out / "checkpoints").is_dir():
+        for partial in (out / "checkpoints").glob("step-*.tmp"):  # saves cut short by a kill
+            shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
     resume_from = find_resume_checkpoint(out)
     if resume_from is not None and not args.resume:
         if not args.overwrite_output_dir:
@@ -642,6 +667,56 @@ def _prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Pa
     if args.resume and resume_from is None:
         accelerator.print(f"resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
     return resume_from if args.resume else None
+
+
+def _optimizer_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data: _DataStream,
+    args: TrainingArguments,
+) -> torch.Tensor:
+    """One update: ``gradient_accumulation_steps`` micro-batches, then clipping, AdamW and the
+    schedule. Returns the mean micro-batch loss (detached)."""
+    model.train()
+    device = accelerator.device
+    conditional = accelerator.unwrap_model(model).config.class_conditional
+    total = torch.zeros((), device=device)
+    for _ in range(args.gradient_accumulation_steps):
+        batch = data.next()
+        with accelerator.accumulate(model):  # no gradient sync across processes until the last
+            loss = model(
+                input_ids=batch["input_ids"].to(device),
+                labels=batch["labels"].to(device),
+                classes=batch["classes"].to(device) if conditional else None,
+                use_cache=False,
+            ).loss
+            accelerator.backward(loss)  # scaled by 1 / gradient_accumulation_steps
+            if accelerator.sync_gradients and args.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()  # a no-op until the last micro-batch
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += loss.detach().float()
+    return total / args.gradient_accumulation_steps
+
+
+def _restore(
+    accelerator: Accelerator, checkpoint: Path, global_batch: int
+) -> tuple[int, int, int, list[dict[str, float]]]:
+    """Load a checkpoint's model, optimizer, scheduler and RNG states; return where it stopped:
+    (step, epoch, samples consumed in that epoch, evaluations so far)."""
+    accelerator.load_state(str(checkpoint))
+    state = json.loads((checkpoint / STATE_NAME).read_text())
+    if state.get("global_batch") != global_batch:
+        accelerator.print(
+            f"warning: the global batch changed since {checkpoint.name} ({state.get('global_batch')} -> "
+            f"{global_batch}); training goes on from the same sample but will not match the original run"
+        )
+    accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    return state["step"], state["epoch"], state["position"], state.get("eval_history", [])
 
 
 def train(
@@ -716,20 +791,10 @@ def train(
         accelerator.process_index,
         args.seed,
     )
-    step, epoch, position = 0, 0, 0  # optimizer steps done; epoch; samples consumed in that epoch
-    eval_history: list[dict[str, float]] = []
+    global_batch = sampler.global_batch * args.gradient_accumulation_steps
+    step, epoch, position, eval_history = 0, 0, 0, []  # position: samples consumed in the epoch
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))  # model, optimizer, scheduler, every RNG
-        state = json.loads((resume_from / STATE_NAME).read_text())
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        eval_history = state.get("eval_history", [])
-        if state.get("global_batch") != sampler.global_batch * args.gradient_accumulation_steps:
-            accelerator.print(
-                f"warning: the global batch changed since {resume_from.name} "
-                f"({state.get('global_batch')} -> {sampler.global_batch * args.gradient_accumulation_steps}); "
-                "training goes on from the same sample but will not match the original run"
-            )
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+        step, epoch, position, eval_history = _restore(accelerator, resume_from, global_batch)
     else:
         # Different dropout masks on each process; the same stream on every restart.
         set_seed(args.seed, device_specific=True)
@@ -741,30 +806,16 @@ def train(
         # (a run killed after an evaluation but before its next checkpoint repeats that step).
         _write_text_atomic(out / "log.jsonl", "".join(json.dumps(m) + "\n" for m in eval_history))
 
-    sampler.set_epoch(epoch, position)
-    batches = iter(_loader(train_dataset, sampler, args.num_workers, args.seed))
-    device = accelerator.device
+    data = _DataStream(train_dataset, sampler, args.num_workers, args.seed, epoch, position)
     codes_per_micro = sampler.global_batch * config.seq_len
-    conditional = config.class_conditional
-
-    def next_batch() -> dict[str, torch.Tensor]:
-        nonlocal batches, epoch, position
-        try:
-            batch = next(batches)
-        except StopIteration:
-            epoch, position = epoch + 1, 0
-            sampler.set_epoch(epoch, 0)
-            batches = iter(_loader(train_dataset, sampler, args.num_workers, args.seed))
-            batch = next(batches)
-        position += sampler.global_batch
-        return batch
+    start_step = step
 
     def trainer_state() -> dict[str, Any]:
         return {
             "step": step,
-            "epoch": epoch,
-            "position": position,
-            "global_batch": sampler.global_batch * args.gradient_accumulation_steps,
+            "epoch": data.epoch,
+            "position": data.position,
+            "global_batch": global_batch,
             "num_processes": accelerator.num_processes,
             "eval_history": eval_history,
         }
@@ -786,27 +837,10 @@ def train(
             args.progress and accelerator.is_main_process
         ), dynamic_ncols=True,
     )
-    window_loss = torch.zeros((), device=device)
+    window_loss = torch.zeros((), device=accelerator.device)
     window_steps, window_start = 0, time.perf_counter()
     while step < args.max_steps:
-        model.train()
-        for _ in range(args.gradient_accumulation_steps):
-            batch = next_batch()
-            with accelerator.accumulate(model):
-                out_ = model(
-                    input_ids=batch["input_ids"].to(device),
-                    labels=batch["labels"].to(device),
-                    classes=batch["classes"].to(device) if conditional else None,
-                    use_cache=False,
-                )
-                accelerator.backward(out_.loss)
-                if accelerator.sync_gradients and args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_loss += out_.loss.detach().float() / args.gradient_accumulation_steps
+        window_loss += _optimizer_step(accelerator, model, optimizer, scheduler, data, args)
         step += 1
         window_steps += 1
         bar.update(1)
@@ -833,8 +867,7 @@ def train(
 
     if not eval_history or eval_history[-1]["step"] != step:
         run_eval()
-    resumed_at_the_end = resume_from is not None and step == int(CHECKPOINT_RE.match(resume_from.name).group(1))
-    if args.save_every and not resumed_at_the_end:
+    if args.save_every and step > start_step:  # not when a finished run is resumed
         _save_checkpoint(accelerator, model, out, step, trainer_state(), args.save_total_limit)
     model_dir = out / "model"
     if accelerator.is_main_process:

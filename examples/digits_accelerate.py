@@ -62,7 +62,9 @@ def main() -> None:
     # Made first: it sets up the process group that main_process_first() below waits on.
     accelerator = make_accelerator(args)
     with accelerator.main_process_first():
-        if accelerator.is_main_process:
+        # A resumed run keeps the codes it started with (a refit could differ in the last bits).
+        fresh = not (cli.resume and (out / "data" / "dataset.json").is_file())
+        if accelerator.is_main_process and fresh:
             prepare_digits(out, num_codes=128, patch=2, seed=cli.seed, val_fraction=0.2)
     dataset = CodeDataset(out / "data")
     codebook = Codebook.from_pretrained(out / "codebook")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 
 from codegpt.cli import main
@@ -17,19 +18,25 @@ from codegpt.data import write_code_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
+def reset_accelerate() -> None:
+    """Accelerate keeps one process-wide state that a later Accelerator cannot change; commands run
+    in-process start from a clean one."""
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    reset_accelerate()
+    yield
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     """A tiny demo run (seconds): the real pipeline with a toy model and few steps."""
     out = tmp_path_factory.mktemp("demo")
+    reset_accelerate()  # module-scoped: set up before the per-test reset
     status = main([
         "demo", "--out", str(out), "--steps", "20", "--batch-size", "32", "--embed-dim", "32", "--layers", "1",
         "--heads", "2", "--samples-per-class", "4", "--grid-columns", "3", "--no-progress",

@@ -42,6 +42,7 @@ def reset_accelerate() -> None:
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
+    reset_accelerate()  # whatever other test files left behind
     yield
     reset_accelerate()
 
@@ -251,6 +252,7 @@ def test_checkpoints_keep_the_last_k_and_half_written_ones_are_never_picked(tmp_
     assert result.step == 6 and result.resumed_from == newest
     after = load_file(out / "model" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not (ckpts / "step-000008.tmp").exists()  # leftovers of cut-short saves are cleared
 
 
 KILL_SCRIPT = textwrap.dedent(
