@@ -26,6 +26,7 @@ from codegpt.training import (
     evaluate,
     find_resume_checkpoint,
     lr_lambda,
+    make_accelerator,
     parameter_groups,
     train,
 )
@@ -128,15 +129,16 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path):
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
     dataset = make_dataset(tmp_path / "data", n=32)
-    result = train(
-        tiny_args(tmp_path / "run", max_steps=3, mixed_precision="bf16", gradient_accumulation_steps=2),
-        tiny_config(dataset),
-        dataset,
-        dataset,
-    )
+    args = tiny_args(tmp_path / "run", max_steps=3, mixed_precision="bf16", gradient_accumulation_steps=2)
+    accelerator = make_accelerator(args)
+    result = train(args, tiny_config(dataset), dataset, dataset, accelerator=accelerator)
     assert math.isfinite(result.final_eval["loss_nats"])
-    # Weights stay fp32: autocast computes in bf16, the parameters are not converted.
-    assert GPT.from_pretrained(result.model_dir).lm_head.weight.dtype == torch.float32
+    # Autocast computes in bf16 on the CPU; the weights stay fp32 and so does the saved model.
+    model = GPT.from_pretrained(result.model_dir)
+    ids = torch.full((2, 3), dataset.start_token_id)
+    with accelerator.autocast():
+        assert model(ids, classes=torch.tensor([0, 1])).logits.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.float32
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
