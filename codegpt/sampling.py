@@ -32,6 +32,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from .modeling_codegpt import Linear
+
 __all__ = ["KVDecoder", "generate", "to_grid"]
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ def _plain(module: object, kind: type, where: str, bias: bool = True) -> None:
             f"the fast decoder supports {where} as a plain {kind.__name__}, got {type(module).__name__}; "
             "use model.generate() for modified models"
         )
-    if kind is nn.Linear and (module.bias is not None) != bias:
+    if issubclass(kind, nn.Linear) and (module.bias is not None) != bias:
         has = "a bias" if bias else "no bias"
         raise NotImplementedError(f"the fast decoder expects {where} with {has}, as GPT builds it")
     if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
@@ -199,7 +201,7 @@ class KVDecoder:
     ``torch.inference_mode()`` (as ``generate`` does), or autograd records every step.
 
     Args:
-        model: a codegpt ``GPT`` (plain ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Embedding`` modules).
+        model: a codegpt ``GPT`` (its own unmodified ``Linear`` / ``nn.LayerNorm`` / ``nn.Embedding`` modules).
         classes: ``(B,)`` class ids of a class-conditional model (``None``: the null class).
         batch_size: rows of the cache; the length of ``classes`` when given.
         length: positions to hold, at most ``seq_len + 1``: the prompt plus every token fed back.
@@ -215,14 +217,14 @@ class KVDecoder:
         for module, kind, where in ((wte, nn.Embedding, "wte"), (wpe, nn.Embedding, "wpe"),
                                     (ln_f, nn.LayerNorm, "ln_f")):
             _plain(module, kind, where)
-        _plain(head, nn.Linear, "lm_head", bias=False)
+        _plain(head, Linear, "lm_head", bias=False)
         weights = []
         for i, block in enumerate(model.h):
             attn, mlp = block.attn, block.mlp
             for module, kind, where in (
-                (block.ln_1, nn.LayerNorm, "ln_1"), (attn.qkv, nn.Linear, "attn.qkv"),
-                (attn.proj, nn.Linear, "attn.proj"), (block.ln_2, nn.LayerNorm, "ln_2"),
-                (mlp.fc, nn.Linear, "mlp.fc"), (mlp.act, nn.GELU, "mlp.act"), (mlp.proj, nn.Linear, "mlp.proj"),
+                (block.ln_1, nn.LayerNorm, "ln_1"), (attn.qkv, Linear, "attn.qkv"),
+                (attn.proj, Linear, "attn.proj"), (block.ln_2, nn.LayerNorm, "ln_2"),
+                (mlp.fc, Linear, "mlp.fc"), (mlp.act, nn.GELU, "mlp.act"), (mlp.proj, Linear, "mlp.proj"),
             ):
                 _plain(module, kind, f"h[{i}].{where}")
             # One flat tuple per layer, biases as (out, 1) columns (views): a decode step is short

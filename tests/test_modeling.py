@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -254,6 +255,47 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert plain.keys() == ckpt.keys()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["autocast-bf16", "bf16", "fp16"])
+@pytest.mark.parametrize("frozen", [None, "weight", "input"])
+def test_reduced_precision_cpu_linear_matches_autograd(mode, frozen):
+    """The layout-aware reduced-precision CPU backward gives autograd's own gradients."""
+    from codegpt.modeling_codegpt import Linear
+
+    torch.manual_seed(0)
+    dtype = {"autocast-bf16": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+    ours = Linear(48, 80).to(dtype)
+    plain = torch.nn.Linear(48, 80).to(dtype)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 7, 48, dtype=dtype)
+    g = torch.randn(3, 7, 80, dtype=torch.bfloat16 if mode == "autocast-bf16" else dtype)
+
+    def run(layer: torch.nn.Linear) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        layer.zero_grad(set_to_none=True)
+        layer.weight.requires_grad_(frozen != "weight")
+        inp = x.clone().requires_grad_(frozen != "input")
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast-bf16" else contextlib.nullcontext()
+        with ctx:
+            out = layer(inp)
+        out.backward(g)
+        grads = {"x": inp.grad, "weight": layer.weight.grad, "bias": layer.bias.grad}
+        return out, grads
+
+    out, grads = run(ours)
+    ref_out, ref_grads = run(plain)
+    assert out.grad_fn.name() == "_LinearReducedPrecisionCPUBackward"  # the fast path really ran
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for name, ref in ref_grads.items():
+        if ref is None:
+            assert grads[name] is None, name
+            continue
+        assert grads[name].dtype == ref.dtype, name
+        # Same products, possibly summed in another order: a few units of the format's last place.
+        torch.testing.assert_close(grads[name], ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item(), msg=name)
+
+    with torch.no_grad():  # inference is plain F.linear
+        torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
