@@ -147,6 +147,21 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU mask comes from ``torch.rand``: the same distribution (each element kept
+    with probability 1 - p, scaled by 1 / (1 - p)) at half the cost of ``bernoulli_``, the CPU's
+    slowest kernel in a training step after the matmuls and attention (dropout forward + backward on
+    4x1025x256: 5.6 ms instead of 11.5 ms on 2 cores). Elsewhere it is ``F.dropout``'s fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu" or self.p >= 1.0 or self.inplace:
+            return F.dropout(x, self.p, True, self.inplace)
+        scale = torch.where(torch.rand_like(x) >= self.p, x.new_full((), 1.0 / (1.0 - self.p)), 0.0)  # x's dtype
+        return x * scale
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -157,7 +172,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = Linear(config.embed_dim, 3 * config.embed_dim)  # fused: one matmul, not three
         self.proj = Linear(config.embed_dim, config.embed_dim)
         self.proj.is_residual_projection = True
-        self.resid_dropout = nn.Dropout(config.resid_dropout)
+        self.resid_dropout = Dropout(config.resid_dropout)
 
     def forward(
         self,
@@ -189,7 +204,7 @@ class MLP(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.proj = Linear(config.mlp_dim, config.embed_dim)
         self.proj.is_residual_projection = True
-        self.dropout = nn.Dropout(config.resid_dropout)
+        self.dropout = Dropout(config.resid_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(self.act(self.fc(x))))
@@ -287,7 +302,7 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         self.cls_emb = (
             nn.Embedding(config.num_classes + 1, config.embed_dim) if config.class_conditional else None
         )
-        self.drop = nn.Dropout(config.embd_dropout)
+        self.drop = Dropout(config.embd_dropout)
         self.h = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.lm_head = Linear(config.embed_dim, config.vocab_size, bias=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 
 import pytest
 import torch
@@ -296,6 +297,25 @@ def test_reduced_precision_cpu_linear_matches_autograd(mode, frozen):
 
     with torch.no_grad():  # inference is plain F.linear
         torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_p():
+    from codegpt.modeling_codegpt import Dropout
+
+    p, n = 0.1, 1_000_000
+    drop = Dropout(p).train()
+    x = torch.rand(n, dtype=torch.float64) + 1.0  # never zero, so a zero output means dropped
+    torch.manual_seed(0)
+    y = drop(x.requires_grad_())
+    kept = y != 0
+    # Binomial(n, 1 - p): within 5 standard deviations.
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.double() / (1 - p))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x.detach()), y.detach())  # the same seed drops the same elements
+    assert torch.equal(drop.eval()(x), x)
 
 
 # ---------------------------------------------------------------------------------------------
