@@ -189,6 +189,20 @@ def _plain(module: object, kind: type, where: str, bias: bool = True) -> None:
         )
 
 
+def _row_blocks(linear: nn.Linear, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear``'s weight ``(out, in)`` and bias as ``(P, out / P, in)`` and ``(P, out / P, 1)`` views:
+    ``P`` row blocks (``P = splits``, or 1 where ``out`` does not divide evenly)."""
+    out_features = linear.weight.shape[0]
+    P = splits if out_features % splits == 0 else 1
+    return linear.weight.view(P, out_features // P, -1), linear.bias.view(P, out_features // P, 1)
+
+
+def _linear_t(w: torch.Tensor, b: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+    """``W @ h_t + b`` on ``_row_blocks`` views: ``(P, out / P, in)`` @ ``(in, rows)`` -> ``(out, rows)``."""
+    P, rows_per_block, fan_in = w.shape
+    return torch.baddbmm(b, w, h_t.expand(P, fan_in, h_t.shape[1])).view(P * rows_per_block, -1)
+
+
 class KVDecoder:
     """Runs a codegpt GPT token by token over a KV cache preallocated for the whole image.
 
@@ -218,6 +232,11 @@ class KVDecoder:
                                     (ln_f, nn.LayerNorm, "ln_f")):
             _plain(module, kind, where)
         _plain(head, Linear, "lm_head", bias=False)
+        # Split each weight's rows into one block per CPU thread: a batched matmul runs the blocks
+        # on all cores, where a single matmul with a handful of rows (a matrix-vector product at
+        # batch 1) keeps to one. Accelerators parallelise inside one matmul already.
+        first = next(model.parameters())
+        splits = torch.get_num_threads() if first.device.type == "cpu" else 1
         weights = []
         for i, block in enumerate(model.h):
             attn, mlp = block.attn, block.mlp
@@ -227,13 +246,13 @@ class KVDecoder:
                 (mlp.fc, Linear, "mlp.fc"), (mlp.act, nn.GELU, "mlp.act"), (mlp.proj, Linear, "mlp.proj"),
             ):
                 _plain(module, kind, f"h[{i}].{where}")
-            # One flat tuple per layer, biases as (out, 1) columns (views): a decode step is short
+            # One flat tuple per layer (views of the parameters, no copies): a decode step is short
             # enough that module attribute lookups show up next to the matmuls.
             weights.append((
                 block.ln_1.weight, block.ln_1.bias, block.ln_1.eps,
-                attn.qkv.weight, attn.qkv.bias[:, None], attn.proj.weight, attn.proj.bias[:, None],
+                *_row_blocks(attn.qkv, splits), *_row_blocks(attn.proj, splits),
                 block.ln_2.weight, block.ln_2.bias, block.ln_2.eps,
-                mlp.fc.weight, mlp.fc.bias[:, None], mlp.act.approximate, mlp.proj.weight, mlp.proj.bias[:, None],
+                *_row_blocks(mlp.fc, splits), mlp.act.approximate, *_row_blocks(mlp.proj, splits),
             ))
         devices = {p.device for p in model.parameters()}
         if len(devices) != 1 or next(iter(devices)).type == "meta":
@@ -283,20 +302,23 @@ class KVDecoder:
         # No past during a prefill, so SDPA's top-left causal mask is the right one; a decode step's
         # single query sees every filled key and needs no mask at all.
         is_causal = T > 1
-        # Every linear layer runs as W @ h.T (out, in) @ (in, rows): with a handful of rows, x @ W.T
-        # leaves one matmul per call to a single core, while W @ h.T splits the weight's rows across
-        # cores (2x faster at batch 8 on 2 cores). Outputs come out transposed, (out, rows); the ops
-        # that follow read them through .t() views.
+        # Every linear layer runs as W @ h.T, (out, in) @ (in, rows), on row blocks of W (see
+        # _row_blocks): with a handful of rows the weights are the memory traffic, and this reads
+        # them on every core (2x faster at batch 1 on 2 cores than x @ W.T). Outputs come out
+        # transposed, (out, rows); the ops that follow read them through .t() views.
         for kv, k, v, w1, b1, e1, wqkv, bqkv, wo, bo, w2, b2, e2, wfc, bfc, act, wp, bp in self.layers:
             h = F.layer_norm(x, (C,), w1, b1, e1)
-            qkv = torch.addmm(bqkv, wqkv, h.t()).t().view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
+            qkv = _linear_t(wqkv, bqkv, h.t()).t().view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
             kv.narrow(3, pos, T).copy_(qkv[1:])  # this call's keys and values, written in place
             # SDPA's fused kernel wants the head size contiguous: q is tiny, copy it.
             q = qkv[0].contiguous()  # (B, nh, T, hs)
             y = F.scaled_dot_product_attention(q, k.narrow(2, 0, S), v.narrow(2, 0, S), is_causal=is_causal)
-            x += torch.addmm(bo, wo, y.transpose(1, 2).reshape(B * T, C).t()).t()
+            x += _linear_t(wo, bo, y.transpose(1, 2).reshape(B * T, C).t()).t()
             h = F.layer_norm(x, (C,), w2, b2, e2)
-            x += torch.addmm(bp, wp, F.gelu(torch.addmm(bfc, wfc, h.t()), approximate=act)).t()
+            u = F.gelu(_linear_t(wfc, bfc, h.t()), approximate=act)  # (mlp, rows), row-major
+            # Row-major (in, rows) operands take a matmul path 2-7x slower than column-major ones
+            # (the layout h.t() has): transpose the activations into a fresh (rows, mlp) buffer.
+            x += _linear_t(wp, bp, u.new_empty(u.shape[::-1]).copy_(u.t()).t()).t()
         x = F.layer_norm(x.view(B, T, C)[:, -1], (C,), *self.ln_f)  # only the last position is sampled
         return x @ self.head_t  # (B, V)
 

@@ -138,13 +138,19 @@ def test_decoder_logits_match_full_forward_at_every_step(guidance_scale):
         assert torch.all(scores[:, cb:] == -math.inf)
 
 
-def test_decoder_prefill_and_steps_match_model_with_its_own_cache():
+@pytest.mark.parametrize("threads, batch", [(1, 2), (2, 1), (3, 2)])
+def test_decoder_prefill_and_steps_match_model_with_its_own_cache(threads, batch):
+    # The decoder splits weights into one row block per CPU thread (3: some layers split, some not).
     model = tiny_model()
-    ids = prefix_ids(model, 2, model.config.seq_len)
-    classes = torch.tensor([1, 2])
+    ids = prefix_ids(model, batch, model.config.seq_len)
+    classes = torch.tensor([1, 2])[:batch]
     with torch.inference_mode():
         expected = model(ids, classes=classes).logits
-        decoder = KVDecoder(model, 2, classes)
+        torch.set_num_threads(threads)
+        try:
+            decoder = KVDecoder(model, batch, classes)
+        finally:
+            torch.set_num_threads(1)
         got = [decoder.prefill(ids[:, :4])]
         got += [decoder.step(ids[:, t], t) for t in range(4, ids.shape[1])]
     torch.testing.assert_close(torch.stack(got, 1), expected[:, 3:], atol=1e-5, rtol=0)
