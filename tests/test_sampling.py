@@ -244,6 +244,18 @@ def test_empirical_frequencies_match_processed_softmax(temperature, top_k, top_p
     assert chi_square_p_value(counts, probs.double()) > 1e-3
 
 
+def test_draw_never_picks_zero_probability_entries():
+    from codegpt.sampling import _draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
+                          [0.2, 0.0, 0.0, 0.0, 0.0, 0.8]]).repeat(4000, 1)
+    draws = _draw(probs, torch.Generator().manual_seed(0)).view(4000, 3)
+    assert set(draws[:, 0].tolist()) == {1, 3} and set(draws[:, 1].tolist()) == {2}
+    assert set(draws[:, 2].tolist()) == {0, 5}
+    assert abs((draws[:, 0] == 1).float().mean().item() - 0.5) < 0.04
+    assert abs((draws[:, 2] == 0).float().mean().item() - 0.2) < 0.03
+
+
 def test_special_tokens_are_never_sampled():
     # Two special ids, both made far more likely than any code.
     model = tiny_model(vocab_size=18, codebook_size=16)
