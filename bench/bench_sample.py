@@ -153,7 +153,7 @@ def breakdown(row: str, new_tokens: int, rounds: int, device: str) -> str:
       no-attn     attention replaced by returning the queries (same shapes, no reads of the cache);
       tiny        the same ops on a model of width 8 (one value per head): Python, dispatch and
                   sampling over the same vocabulary, next to no arithmetic;
-      tiny-greedy the same without top-k / softmax / multinomial.
+      tiny-greedy the same without top-k / softmax / draw.
     attention = full - no-attn; weight matmuls (and the other arithmetic) = no-attn - tiny;
     sampling = tiny - tiny-greedy; per-op overhead = tiny-greedy.
     """
@@ -185,7 +185,7 @@ def breakdown(row: str, new_tokens: int, rounds: int, device: str) -> str:
     parts = {
         "weight matmuls (and the other arithmetic)": ms["no-attn"] - ms["tiny"],
         "attention over the filled cache": ms["full"] - ms["no-attn"],
-        "sampling (top-k warper, softmax, multinomial)": ms["tiny"] - ms["tiny-greedy"],
+        "sampling (top-k warper, softmax, draw)": ms["tiny"] - ms["tiny-greedy"],
         "per-op overhead (Python, dispatch, small kernels)": ms["tiny-greedy"],
     }
     lines = [f"Per decode step, {seq_len} codes, e{ours.config.embed_dim}, B{batch}, averaged over "
