@@ -124,7 +124,7 @@ class _LinearReducedPrecisionCPU(torch.autograd.Function):
             grad_x = F.linear(grad, weight.t().contiguous())  # g @ W as g @ (W^T)^T: (..., in)
         g2 = grad.reshape(-1, grad.shape[-1])  # (M, out)
         if ctx.needs_input_grad[1]:
-            grad_w = g2.t() @ x.reshape(-1, x.shape[-1]).to(g2.dtype)  # (out, in)
+            grad_w = g2.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b

@@ -197,10 +197,12 @@ def _row_blocks(linear: nn.Linear, splits: int) -> tuple[torch.Tensor, torch.Ten
     return linear.weight.view(P, out_features // P, -1), linear.bias.view(P, out_features // P, 1)
 
 
-def _linear_t(w: torch.Tensor, b: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
-    """``W @ h_t + b`` on ``_row_blocks`` views: ``(P, out / P, in)`` @ ``(in, rows)`` -> ``(out, rows)``."""
+def _linear_t(w: torch.Tensor, b: torch.Tensor | None, h_t: torch.Tensor) -> torch.Tensor:
+    """``W @ h_t (+ b)`` on ``_row_blocks`` views: ``(P, out / P, in)`` @ ``(in, rows)`` -> ``(out, rows)``."""
     P, rows_per_block, fan_in = w.shape
-    return torch.baddbmm(b, w, h_t.expand(P, fan_in, h_t.shape[1])).view(P * rows_per_block, -1)
+    h = h_t.expand(P, fan_in, h_t.shape[1])
+    out = torch.bmm(w, h) if b is None else torch.baddbmm(b, w, h)
+    return out.view(P * rows_per_block, -1)
 
 
 class KVDecoder:
@@ -232,11 +234,14 @@ class KVDecoder:
                                     (ln_f, nn.LayerNorm, "ln_f")):
             _plain(module, kind, where)
         _plain(head, Linear, "lm_head", bias=False)
+        devices = {p.device for p in model.parameters()}
+        if len(devices) != 1 or next(iter(devices)).type == "meta":
+            raise NotImplementedError(f"the fast decoder needs every parameter on one device, got {devices}")
+        self.device = next(iter(devices))
         # Split each weight's rows into one block per CPU thread: a batched matmul runs the blocks
         # on all cores, where a single matmul with a handful of rows (a matrix-vector product at
         # batch 1) keeps to one. Accelerators parallelise inside one matmul already.
-        first = next(model.parameters())
-        splits = torch.get_num_threads() if first.device.type == "cpu" else 1
+        splits = torch.get_num_threads() if self.device.type == "cpu" else 1
         weights = []
         for i, block in enumerate(model.h):
             attn, mlp = block.attn, block.mlp
@@ -254,11 +259,6 @@ class KVDecoder:
                 block.ln_2.weight, block.ln_2.bias, block.ln_2.eps,
                 *_row_blocks(mlp.fc, splits), mlp.act.approximate, *_row_blocks(mlp.proj, splits),
             ))
-        devices = {p.device for p in model.parameters()}
-        if len(devices) != 1 or next(iter(devices)).type == "meta":
-            raise NotImplementedError(f"the fast decoder needs every parameter on one device, got {devices}")
-
-        self.device = next(iter(devices))
         self.dtype = wte.weight.dtype
         self.B, self.P = batch_size, min(length or cfg.seq_len + 1, cfg.seq_len + 1)
         self.C, self.nh = cfg.embed_dim, cfg.num_heads
@@ -327,8 +327,7 @@ class KVDecoder:
             u = F.gelu(_linear_t(wfc, bfc, h.t()).t().contiguous(), approximate=act)  # (rows, mlp)
             x += _linear_t(wp, bp, u.t()).t()
         x = F.layer_norm(x.view(B, T, C)[:, -1], (C,), *self.ln_f)  # only the last position is sampled
-        P, rows_per_block, _ = self.head.shape
-        logits = torch.bmm(self.head, x.t().expand(P, C, B)).view(P * rows_per_block, B)  # (V', B)
+        logits = _linear_t(self.head, None, x.t())  # (V', B), V' >= V: the padded rows last
         return logits[: self.V].t().contiguous()  # (B, V)
 
 
