@@ -299,10 +299,35 @@ def test_reduced_precision_cpu_linear_matches_autograd(mode, frozen):
         torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_tanh_gelu_matches_torch(dtype):
+    """The sigmoid-form tanh GELU: torch's values and gradients, in training and in inference."""
+    from codegpt.modeling_codegpt import GELU
+
+    x = torch.cat([torch.linspace(-30, 30, 20001, dtype=dtype), torch.randn(3, 1000, dtype=dtype).flatten()])
+    g = torch.randn_like(x)
+    ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = GELU(approximate="tanh")(ours_in)
+    ref = F.gelu(ref_in, approximate="tanh")
+    assert y.grad_fn.name() == "_TanhGELUCPUBackward"  # the CPU path really ran
+    y.backward(g)
+    ref.backward(g)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}  # a few ulp
+    torch.testing.assert_close(y, ref, **tol)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(GELU(approximate="tanh")(x), ref.detach(), **tol)
+    assert torch.autograd.gradcheck(GELU(approximate="tanh"), (torch.randn(40, dtype=torch.float64, requires_grad=True),))
+    # Exact GELU and low precision keep torch's kernels.
+    torch.testing.assert_close(GELU()(x), F.gelu(x), rtol=0, atol=0)
+    xb = x.bfloat16()
+    torch.testing.assert_close(GELU(approximate="tanh")(xb), F.gelu(xb, approximate="tanh"), rtol=0, atol=0)
+
+
 def test_dropout_keeps_each_element_with_probability_one_minus_p():
     from codegpt.modeling_codegpt import Dropout
 
-    p, n = 0.1, 1_000_000
+    p, n = 0.1, 1_000_001  # odd: the last 64-bit draw is half used
     drop = Dropout(p).train()
     x = torch.rand(n, dtype=torch.float64) + 1.0  # never zero, so a zero output means dropped
     torch.manual_seed(0)
