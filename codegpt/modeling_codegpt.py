@@ -177,23 +177,25 @@ class _TanhGELUCPU(torch.autograd.Function):
     only that (one activation-sized tensor, where ``F.gelu`` saves x), so the backward is one
     multiply. Step time on 2 cores, seed shape: 2% faster than ``F.gelu``."""
 
-    K = 2.0 * math.sqrt(2.0 / math.pi)  # 2u = x (K + K c x^2)
+    K = 2.0 * math.sqrt(2.0 / math.pi)  # z = 2u = K (x + C x^3)
     C = 0.044715
 
     @staticmethod
-    def gate(x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """sigmoid(2u) from x and x^2 (a new tensor; addcmul with a scalar is slower)."""
-        return x2.mul(_TanhGELUCPU.K * _TanhGELUCPU.C).add_(_TanhGELUCPU.K).mul_(x).sigmoid_()
+    def gate(x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z and sigmoid(z) from x and x^2 (two new tensors)."""
+        z = torch.addcmul(x, x2, x, value=_TanhGELUCPU.C).mul_(_TanhGELUCPU.K)
+        return z, torch.sigmoid(z)
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        K, C = _TanhGELUCPU.K, _TanhGELUCPU.C
         x2 = x * x
-        s = _TanhGELUCPU.gate(x, x2)
-        y = x * s
-        # d/dx x s(2u) = s (1 + x (1 - s) d(2u)/dx), d(2u)/dx = K (1 + 3 c x^2); x2 becomes it.
-        d = x2.mul_(3.0 * K * C).add_(K).mul_(x)
-        ctx.save_for_backward(d.addcmul_(d, s, value=-1.0).add_(1.0).mul_(s))
+        z, s = _TanhGELUCPU.gate(x, x2)
+        y = torch.mul(x, s, out=x2)
+        # dy/dx = s + x s (1 - s) dz/dx, x dz/dx = K (x + 3 C x^3) = 3 (z - 2Kx/3): z's buffer becomes
+        # s (1 - s) (z - 2Kx/3), then s + 3 times that. Each step is one pass over the activations.
+        w = z.add_(x, alpha=-2.0 * _TanhGELUCPU.K / 3.0).mul_(s)
+        w.addcmul_(w, s, value=-1.0)
+        ctx.save_for_backward(torch.add(s, w, alpha=3.0, out=w))
         return y
 
     @staticmethod
@@ -211,7 +213,7 @@ class GELU(nn.GELU):
         if self.approximate == "tanh" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
             if torch.is_grad_enabled() and x.requires_grad:
                 return _TanhGELUCPU.apply(x)
-            return x * _TanhGELUCPU.gate(x, x * x)
+            return x * _TanhGELUCPU.gate(x, x * x)[1]
         return F.gelu(x, approximate=self.approximate)
 
 
