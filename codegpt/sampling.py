@@ -32,7 +32,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .modeling_codegpt import Linear
+from .modeling_codegpt import GELU, Linear
 
 __all__ = ["KVDecoder", "generate", "to_grid"]
 
@@ -248,7 +248,7 @@ class KVDecoder:
             for module, kind, where in (
                 (block.ln_1, nn.LayerNorm, "ln_1"), (attn.qkv, Linear, "attn.qkv"),
                 (attn.proj, Linear, "attn.proj"), (block.ln_2, nn.LayerNorm, "ln_2"),
-                (mlp.fc, Linear, "mlp.fc"), (mlp.act, nn.GELU, "mlp.act"), (mlp.proj, Linear, "mlp.proj"),
+                (mlp.fc, Linear, "mlp.fc"), (mlp.act, GELU, "mlp.act"), (mlp.proj, Linear, "mlp.proj"),
             ):
                 _plain(module, kind, f"h[{i}].{where}")
             # One flat tuple per layer (views of the parameters, no copies): a decode step is short
