@@ -138,9 +138,10 @@ def test_decoder_logits_match_full_forward_at_every_step(guidance_scale):
         assert torch.all(scores[:, cb:] == -math.inf)
 
 
-@pytest.mark.parametrize("threads, batch", [(1, 2), (2, 1), (3, 2)])
-def test_decoder_prefill_and_steps_match_model_with_its_own_cache(threads, batch):
+@pytest.mark.parametrize("threads, batch, bmm_attention", [(1, 2, True), (2, 1, True), (3, 2, True), (2, 2, False)])
+def test_decoder_prefill_and_steps_match_model_with_its_own_cache(threads, batch, bmm_attention):
     # The decoder splits weights into one row block per CPU thread (3: some layers split, some not).
+    # Decode steps attend through batched matmuls on a CPU and through SDPA on accelerators: both here.
     model = tiny_model()
     ids = prefix_ids(model, batch, model.config.seq_len)
     classes = torch.tensor([1, 2])[:batch]
@@ -151,6 +152,8 @@ def test_decoder_prefill_and_steps_match_model_with_its_own_cache(threads, batch
             decoder = KVDecoder(model, batch, classes)
         finally:
             torch.set_num_threads(1)
+        assert decoder.bmm_attention  # on a CPU
+        decoder.bmm_attention = bmm_attention
         got = [decoder.prefill(ids[:, :4])]
         got += [decoder.step(ids[:, t], t) for t in range(4, ids.shape[1])]
     torch.testing.assert_close(torch.stack(got, 1), expected[:, 3:], atol=1e-5, rtol=0)
