@@ -300,7 +300,8 @@ class KVDecoder:
         # fused kernel, whose fixed cost per (row, head) dominates a single query (10-20% faster at
         # batch 8 and 64 on 2 cores, equal at batch 1). Accelerators keep SDPA's decode kernels.
         self.bmm_attention = self.device.type == "cpu"
-        self.q = torch.empty(self.B * self.nh, 1, self.hs, device=self.device, dtype=self.dtype)
+        self.scale = 1.0 / math.sqrt(self.hs)
+        self.q = torch.empty(self.B * self.nh, 1, self.hs, device=self.device, dtype=self.dtype)  # scaled queries
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt ``(B, T)`` from position 0; returns the last position's logits ``(B, V)``."""
@@ -323,7 +324,6 @@ class KVDecoder:
         # No past during a prefill, so SDPA's top-left causal mask is the right one; a decode step's
         # single query sees every filled key and needs no mask at all.
         is_causal = T > 1
-        scale = 1.0 / math.sqrt(hs)
         # Every linear layer runs as W @ h.T, (out, in) @ (in, rows), on row blocks of W (see
         # _row_blocks): with a handful of rows the weights are the memory traffic, and this reads
         # them on every core (2x faster at batch 1 on 2 cores than x @ W.T). Outputs come out
@@ -333,7 +333,7 @@ class KVDecoder:
             qkv = _linear_t(wqkv, bqkv, h.t()).t().view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
             kv.narrow(3, pos, T).copy_(qkv[1:])  # this call's keys and values, written in place
             if T == 1 and self.bmm_attention:
-                q = torch.mul(qkv[0], scale, out=self.q.view(B, nh, 1, hs)).view(B * nh, 1, hs)  # contiguous
+                q = torch.mul(qkv[0], self.scale, out=self.q.view(B, nh, 1, hs)).view(B * nh, 1, hs)  # contiguous
                 y = _attend_one(q, k[:, :S], v[:, :S]).view(B, C)
             else:
                 # SDPA's fused kernel wants the head size contiguous: q is tiny, copy it.

@@ -147,11 +147,12 @@ def test_decoder_prefill_and_steps_match_model_with_its_own_cache(threads, batch
     classes = torch.tensor([1, 2])[:batch]
     with torch.inference_mode():
         expected = model(ids, classes=classes).logits
+        previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             decoder = KVDecoder(model, batch, classes)
         finally:
-            torch.set_num_threads(1)
+            torch.set_num_threads(previous)
         assert decoder.bmm_attention  # on a CPU
         decoder.bmm_attention = bmm_attention
         got = [decoder.prefill(ids[:, :4])]
