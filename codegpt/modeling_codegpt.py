@@ -52,20 +52,9 @@ class GPTOutput(CausalLMOutputWithPast):
             return self.past_key_values
 
 
-# ---------------------------------------------------------------------------------------------
-# Attention
-# ---------------------------------------------------------------------------------------------
-
-
 def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The readable reference, with transformers' attention-function signature. q (B, nh, T, hs),
     k/v (B, nh, S, hs), mask None (plain causal, S == T) or bool (B|1, 1, T, S), True = attend.
@@ -95,11 +84,6 @@ def causal_mask(query_slots: torch.Tensor, num_keys: int, padding: torch.Tensor 
     return mask & (real | (keys == query_slots[:, None]))
 
 
-# ---------------------------------------------------------------------------------------------
-# Modules
-# ---------------------------------------------------------------------------------------------
-
-
 class ClassEmbedding(nn.Embedding):
     """The class condition: one learned vector per class, plus the null class (row ``num_classes``)
     that means "no condition" and makes classifier-free guidance possible.
@@ -126,7 +110,7 @@ class ClassEmbedding(nn.Embedding):
         elif self.training and self.dropout_prob > 0:
             drop = torch.rand(classes.shape, device=classes.device) < self.dropout_prob
             classes = torch.where(drop, self.null_class, classes)
-        return F.embedding(classes, self.weight)
+        return super().forward(classes)
 
 
 class CausalSelfAttention(nn.Module):
@@ -145,12 +129,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        query_slots: torch.Tensor,
-        padding: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        output_attentions: bool = False,
+        self, x: torch.Tensor, query_slots: torch.Tensor, padding: torch.Tensor | None = None,
+        cache: Cache | None = None, output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, nh, T, hs) views
@@ -198,22 +178,13 @@ class TransformerBlock(GradientCheckpointingLayer):
         self.mlp = MLP(config)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        query_slots: torch.Tensor,
-        padding: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        output_attentions: bool = False,
+        self, x: torch.Tensor, query_slots: torch.Tensor, padding: torch.Tensor | None = None,
+        cache: Cache | None = None, output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         a, weights = self.attn(self.ln_1(x), query_slots, padding, cache, output_attentions)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, weights
-
-
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
 
 
 class GPTPreTrainedModel(PreTrainedModel):
@@ -253,14 +224,6 @@ class GPTPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
 
-def _renamed_past_key_values(forward):
-    """transformers 5.24 renamed ``past_key_values`` to ``cache``: there, its own decorator maps the old
-    name with its deprecation warning. Before, ``past_key_values`` is the current name and passes as is."""
-    if _CACHE_FIELD == "cache":
-        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
-    return forward
-
-
 class GPT(GPTPreTrainedModel, GenerationMixin):
     r"""A GPT-style autoregressive prior over the discrete codes of an image.
 
@@ -279,6 +242,7 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "wte.weight"}
+    _input_embed_layer = "wte"  # for get/set_input_embeddings; the output one is lm_head
     check_input_values: bool | None = None  # None: CPU tensors only
 
     def __init__(self, config: GPTConfig) -> None:
@@ -287,8 +251,7 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         self.wpe = nn.Embedding(config.max_position_embeddings, config.embed_dim)
         self.cls_emb = (
             ClassEmbedding(config.num_classes, config.embed_dim, config.class_dropout_prob)
-            if config.class_conditional
-            else None
+            if config.class_conditional else None
         )
         self.drop = nn.Dropout(config.embd_dropout)
         self.h = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
@@ -315,18 +278,6 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.wte
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.wte = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
     @property
     def null_class(self) -> int:
         """Index of the null class embedding row (``num_classes``)."""
@@ -342,71 +293,59 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
             return False
         return t.device.type == "cpu" if self.check_input_values is None else self.check_input_values
 
-    def _check_ids(self, name: str, t: object, shape: tuple[int, ...], high: int, ignore: int | None = None) -> None:
-        """An integer tensor of ``shape`` with values in ``[0, high)`` (``ignore`` allowed too)."""
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(t).__name__}")
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    def _check_ids(self, name: str, t: object, shape: tuple, high: int, ignore: int | None = None) -> None:
+        """An integer tensor of ``shape`` with values in ``[0, high)`` (or ``ignore``)."""
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be an integer torch.Tensor of shape {shape}, got {got}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         if self._checks_values(t):
             counted = t if ignore is None else t[t != ignore]
-            if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= high):
-                bad = int(counted.min()) if int(counted.min()) < 0 else int(counted.max())
-                allowed = f"[0, {high})" + (f" or {ignore}" if ignore is not None else "")
-                raise ValueError(f"{name} must be in {allowed}, got {bad}")
+            lo, hi = (int(counted.min()), int(counted.max())) if counted.numel() else (0, 0)
+            if lo < 0 or hi >= high:
+                allowed = f"[0, {high})" + ("" if ignore is None else f" or {ignore}")
+                raise ValueError(f"{name} must be in {allowed}, got {lo if lo < 0 else hi}")
 
-    def _check_inputs(
-        self, input_ids, inputs_embeds, classes, labels, shift_labels, attention_mask, position_ids, past
-    ) -> None:
-        cfg = self.config
+    def _check_inputs(self, input_ids, inputs_embeds, classes, labels, shift_labels, attention_mask, position_ids,
+                      past) -> None:
+        cfg, P = self.config, self.config.max_position_embeddings
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds (start with config.start_token_id)")
+        name, x = ("input_ids", input_ids) if inputs_embeds is None else ("inputs_embeds", inputs_embeds)
+        dims = (2,) if inputs_embeds is None else (3, cfg.embed_dim)
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+        if len(shape) != dims[0] or shape[1] == 0 or shape[2:] != dims[1:]:
+            layout = "(batch, length)" if inputs_embeds is None else f"(batch, length, {cfg.embed_dim})"
+            got = shape if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a tensor of shape {layout} with length >= 1, got {got}")
+        B, T = shape[:2]
         if input_ids is not None:
-            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-                shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-                raise ValueError(f"input_ids must have shape (batch, length) with length >= 1, got {shape}")
-            B, T = input_ids.shape
             self._check_ids("input_ids", input_ids, (B, T), cfg.vocab_size)
-        else:
-            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or (
-                inputs_embeds.shape[1] == 0 or inputs_embeds.shape[2] != cfg.embed_dim
-            ):
-                raise ValueError(f"inputs_embeds must have shape (batch, length >= 1, {cfg.embed_dim})")
-            B, T = inputs_embeds.shape[:2]
-        P = cfg.max_position_embeddings
         # A static cache counts its tokens in a tensor: read it only where that costs no sync.
         past = int(past) if isinstance(past, int) or self._checks_values(past) else None
         if past is not None and past + T > P:
             raise ValueError(
-                f"input_ids is too long: {T} tokens after a cache of {past} is {past + T} positions, "
-                f"but the model holds seq_len + 1 = {P} (the start token plus one image)"
+                f"{name} is too long: {T} tokens after a cache of {past} is {past + T} positions, but the "
+                f"model holds seq_len + 1 = {P} (the start token plus one image)"
             )
+        if classes is not None and not cfg.class_conditional:
+            raise ValueError("classes was given to an unconditional model (config.class_conditional=False)")
         if classes is not None:
-            if not cfg.class_conditional:
-                raise ValueError(
-                    "classes was given to an unconditional model (config.class_conditional=False); pass classes=None"
-                )
             self._check_ids("classes", classes, (B,), cfg.num_classes + 1)  # num_classes is the null class
-        if labels is not None:
-            self._check_ids("labels", labels, (B, T), cfg.vocab_size, ignore=-100)
-        if shift_labels is not None:
-            self._check_ids("shift_labels", shift_labels, (B, T), cfg.vocab_size, ignore=-100)
-        if attention_mask is not None and (
-            attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] != (past or 0) + T
-            and past is not None
-        ):
-            raise ValueError(
-                f"attention_mask must have shape (batch, past + length) = ({B}, {past} + {T}), "
-                f"got {tuple(attention_mask.shape)}"
-            )
+        for name, t in (("labels", labels), ("shift_labels", shift_labels)):
+            if t is not None:
+                self._check_ids(name, t, (B, T), cfg.vocab_size, ignore=-100)
         if position_ids is not None:
-            if position_ids.shape not in ((B, T), (1, T)):
-                raise ValueError(f"position_ids must have shape ({B}, {T}), got {tuple(position_ids.shape)}")
-            self._check_ids("position_ids", position_ids, tuple(position_ids.shape), P)
+            rows = 1 if getattr(position_ids, "shape", (B,))[0] == 1 else B  # one row may serve the batch
+            self._check_ids("position_ids", position_ids, (rows, T), P)
+        if attention_mask is not None and (
+            attention_mask.dim() != 2 or attention_mask.shape[0] != B
+            or (past is not None and attention_mask.shape[1] != past + T)
+        ):
+            raise ValueError(f"attention_mask must have shape (batch, past + length) = ({B}, {past} + {T}), "
+                             f"got {tuple(attention_mask.shape)}")
 
-    @_renamed_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -427,28 +366,25 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
     ) -> GPTOutput | tuple:
         r"""
         Args:
-            input_ids: (B, T) token ids, ``T <= seq_len + 1 - past``. Or ``inputs_embeds`` (B, T, C)
-                token embeddings instead (position and class embeddings are still added).
+            input_ids: (B, T) token ids, ``T <= seq_len + 1 - past``; or ``inputs_embeds`` (B, T, C).
             labels: (B, T) targets aligned with ``input_ids`` (shifted inside); ``-100`` is ignored.
-                The loss is the mean cross-entropy over the counted targets (the sum divided by
+                The loss is the mean cross-entropy over the counted targets (their sum divided by
                 ``num_items_in_batch`` when Trainer passes it).
-            classes: (B,) class ids in ``[0, num_classes]`` (``num_classes`` is the null class);
-                ``None`` on a class-conditional model means the null class.
+            classes: (B,) class ids in ``[0, num_classes]`` (``num_classes``, or None: the null class).
             attention_mask: (B, past + T), 1 for real tokens and 0 for padding.
-            position_ids: (B, T) positions; by default the tokens' slots, ``past + arange(T)``.
+            position_ids: (B, T) positions; by default the tokens' cache slots, ``past + arange(T)``.
             cache / past_key_values: any transformers ``Cache``, dynamic or static (``cache`` is the
-                5.24 name; ``past_key_values`` works everywhere, with transformers' warning on 5.24+).
-            logits_to_keep: compute the head (and the loss) only for the last k positions (0: all),
-                or for the positions in a 1-D index tensor.
+                5.24 name; the old one works, with transformers' deprecation warning from 5.24).
+            logits_to_keep: compute the head (and the loss) for the last k positions only (0: all),
+                or for the positions in a 1-D index tensor; generate() asks for 1.
             shift_labels: (B, T) targets already shifted (position t predicts ``shift_labels[:, t]``),
                 as Trainer passes them for context parallelism; used instead of ``labels``.
-            output_attentions / output_hidden_states / return_dict / use_cache: default to the config.
-            cache_position (keyword): the slots of the new tokens, as transformers 4.x passes them.
+            cache_position (keyword): the new tokens' cache slots, as transformers 4.x passes them.
+            use_cache, output_attentions, output_hidden_states, return_dict: default to the config.
 
-        Returns:
-            A :class:`GPTOutput`; with ``return_dict=False`` its ``to_tuple()``, as every transformers
-            model: the fields that are not None among ``(loss, logits, cache, hidden_states,
-            attentions)``, in that order.
+        Returns a :class:`GPTOutput`, or with ``return_dict=False`` its ``to_tuple()`` as every
+        transformers model: the fields that are not None among (loss, logits, cache, hidden_states,
+        attentions), in that order.
         """
         unknown = sorted(set(kwargs) - _EXTRA_KWARGS)
         if unknown:
@@ -506,11 +442,9 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
             else:  # the mean over every micro-batch of an accumulated step
                 loss = F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum") / n_items
 
-        out = GPTOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=all_hidden,
-            attentions=all_attn,
-            **{_CACHE_FIELD: cache if use_cache else None},
-        )
+        cache = {_CACHE_FIELD: cache if use_cache else None}
+        out = GPTOutput(loss=loss, logits=logits, hidden_states=all_hidden, attentions=all_attn, **cache)
         return out if return_dict else out.to_tuple()
+
+    if _CACHE_FIELD == "cache":  # 5.24 renamed past_key_values: its own decorator maps the old name and warns
+        forward = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
