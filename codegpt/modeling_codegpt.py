@@ -1,10 +1,9 @@
 """GPT prior over discrete image codes, as a transformers model.
 
-Read top to bottom: the output, attention (an eager reference; other implementations come from
-transformers' attention registry), the class embedding, attention module, MLP, block, then the model.
-This file ships as Hugging Face remote code next to ``configuration_codegpt.py``, so it imports only
-torch, transformers, the standard library and that file (relatively). Faster CPU training kernels
-live in ``codegpt.fast`` and are swapped in without touching this file or the checkpoints.
+Read top to bottom: the output, attention (the eager reference; the others come from transformers'
+registry), the class embedding, attention module, MLP, block, then the model. This file ships as Hub
+remote code next to ``configuration_codegpt.py``: it imports only torch, transformers, the standard
+library and that file. CPU training kernels live in ``codegpt.fast``, swapped in without touching it.
 """
 
 from __future__ import annotations
@@ -34,12 +33,8 @@ _EXTRA_KWARGS = {"cache_position", "num_items_in_batch"}
 
 @dataclass
 class GPTOutput(CausalLMOutputWithPast):
-    """A ``CausalLMOutputWithPast`` that also unpacks as ``logits, loss``.
-
-    ``out.loss``, ``out.logits``, ``out["loss"]``, ``out[0]``, ``out.to_tuple()`` and ``dict(out)``
-    behave as for any transformers output; only iteration is changed, so that
-    ``logits, loss = model(...)`` works.
-    """
+    """A ``CausalLMOutputWithPast`` that also unpacks as ``logits, loss``. ``out.loss``, ``out["loss"]``,
+    ``out[0]``, ``out.to_tuple()`` and ``dict(out)`` behave as for any transformers output."""
 
     def __iter__(self):
         return iter((self.logits, self.loss))
