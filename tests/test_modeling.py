@@ -163,6 +163,7 @@ def test_attn_implementation_selectable_at_load(tmp_path):
     assert m.config._attn_implementation == "eager"
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # 5.24+: the old name
 def test_cached_incremental_matches_full_forward():
     model = tiny_model()
     ids, classes = random_batch(model.config)
