@@ -648,8 +648,9 @@ def test_past_key_values_and_cache_position_keywords(cond_model):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing_options_through_transformers(use_reentrant):
+# (offload=True pins host memory: it needs an accelerator, whatever the model)
+@pytest.mark.parametrize("option", ["reentrant", "non-reentrant", "every-2nd-layer"])
+def test_gradient_checkpointing_options_through_transformers(option):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     ids, classes = random_batch(tiny_config())
@@ -658,10 +659,17 @@ def test_gradient_checkpointing_options_through_transformers(use_reentrant):
         model = tiny_model().train()
         if checkpointing:
             assert all(isinstance(block, GradientCheckpointingLayer) for block in model.h)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # 5.x prefers activation_checkpointing_enable
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-            assert all(block.gradient_checkpointing for block in model.h)
+            if option in ("reentrant", "non-reentrant"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)  # 5.x prefers activation_checkpointing_enable
+                    kwargs = {"use_reentrant": option == "reentrant"}
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                assert all(block.gradient_checkpointing for block in model.h)
+            elif not hasattr(model, "activation_checkpointing_enable"):
+                pytest.skip("every_n_layers arrived with activation_checkpointing_enable (5.x)")
+            else:
+                model.activation_checkpointing_enable(every_n_layers=2)
+                assert [block.gradient_checkpointing for block in model.h] == [True, False]
         torch.manual_seed(123)
         model(ids, labels=ids, classes=classes, use_cache=True).loss.backward()
         return {n: p.grad for n, p in model.named_parameters()}
