@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .codebook import Codebook
 from .configuration_codegpt import GPTConfig
 from .data import CodeDataset, CodeDatasetWriter, load_code_dataset, write_code_dataset
+from .fast import remove_cpu_kernels, use_cpu_kernels
 from .modeling_codegpt import GPT, GPTOutput
 from .sampling import generate, to_grid
 
@@ -35,6 +36,8 @@ __all__ = [
     "GPTOutput",
     "generate",
     "load_code_dataset",
+    "remove_cpu_kernels",
     "to_grid",
+    "use_cpu_kernels",
     "write_code_dataset",
 ]

@@ -33,7 +33,8 @@ class GPTConfig(PretrainedConfig):
 
     Args:
         vocab_size: Codebook size plus special tokens (at least the start token).
-        seq_len: Codes per image (``H * W``).
+        seq_len: Codes per image (``H * W``); 1024 by default. ``max_position_embeddings`` (``seq_len + 1``)
+            may be given instead.
         embed_dim: Width of the residual stream (``hidden_size``).
         num_layers: Transformer blocks (``num_hidden_layers``).
         num_heads: Attention heads (``num_attention_heads``); must divide ``embed_dim``.
@@ -55,6 +56,9 @@ class GPTConfig(PretrainedConfig):
         start_token_id: Id of the start token; defaults to ``codebook_size``. Must be a special id.
         tie_word_embeddings: Share the token embedding with the output head.
         use_cache: Whether forward returns a KV cache by default.
+
+    ``pad_token_id`` and ``eos_token_id`` are None: an image has a fixed length, no padding and no end
+    token, and generate() fills exactly one image.
     """
 
     model_type = "codegpt"
@@ -68,7 +72,7 @@ class GPTConfig(PretrainedConfig):
     def __init__(
         self,
         vocab_size: int = 1025,
-        seq_len: int = 1024,
+        seq_len: int | None = None,
         embed_dim: int = 256,
         num_layers: int = 8,
         num_heads: int = 8,
@@ -88,6 +92,16 @@ class GPTConfig(PretrainedConfig):
         **kwargs,
     ) -> None:
         _check_int("vocab_size", vocab_size, 2)
+        positions = kwargs.pop("max_position_embeddings", None)
+        if positions is not None:
+            _check_int("max_position_embeddings", positions, 2)
+            if seq_len is not None and seq_len != positions - 1:
+                raise ValueError(
+                    f"max_position_embeddings must be seq_len + 1 = {seq_len + 1} (the start token plus one "
+                    f"image), got {positions}"
+                )
+            seq_len = positions - 1
+        seq_len = 1024 if seq_len is None else seq_len
         _check_int("seq_len", seq_len, 1)
         _check_int("embed_dim", embed_dim, 1)
         _check_int("num_layers", num_layers, 1)
@@ -145,14 +159,23 @@ class GPTConfig(PretrainedConfig):
         self.use_cache = use_cache
         # generate() builds its (B, 1) start column from bos_token_id when no input_ids are given.
         kwargs.setdefault("bos_token_id", start_token_id)
+        # transformers 5 no longer gives every config these; tools and generate's helpers read them.
+        kwargs.setdefault("pad_token_id", None)
+        kwargs.setdefault("eos_token_id", None)
         # v5 dropped tie_word_embeddings from the base config (absent means False, v4 meant True):
         # pass it explicitly so both majors agree.
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def max_position_embeddings(self) -> int:
-        """Positions the model holds: the start token plus one image of ``seq_len`` codes."""
+        """Positions the model holds: the start token plus one image of ``seq_len`` codes. Setting it
+        sets ``seq_len`` (to the value minus one)."""
         return self.seq_len + 1
+
+    @max_position_embeddings.setter
+    def max_position_embeddings(self, value: int) -> None:
+        _check_int("max_position_embeddings", value, 2)
+        self.seq_len = value - 1
 
     @property
     def head_dim(self) -> int:

@@ -32,7 +32,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .modeling_codegpt import GELU, Linear
+from .modeling_codegpt import ClassEmbedding
 
 __all__ = ["KVDecoder", "generate", "to_grid"]
 
@@ -174,7 +174,7 @@ def _plain(module: object, kind: type, where: str, bias: bool = True) -> None:
     """The decoder reads weights and calls the functional ops itself, so it must refuse anything that
     would change what a module computes: subclasses (quantised or LoRA layers), hooks (accelerate
     offloading), a patched forward."""
-    if type(module) is not kind:
+    if getattr(type(module), "plain_base", type(module)) is not kind:  # codegpt.fast kernels compute the same
         raise NotImplementedError(
             f"the fast decoder supports {where} as a plain {kind.__name__}, got {type(module).__name__}; "
             "use model.generate() for modified models"
@@ -239,7 +239,7 @@ class KVDecoder:
         for module, kind, where in ((wte, nn.Embedding, "wte"), (wpe, nn.Embedding, "wpe"),
                                     (ln_f, nn.LayerNorm, "ln_f")):
             _plain(module, kind, where)
-        _plain(head, Linear, "lm_head", bias=False)
+        _plain(head, nn.Linear, "lm_head", bias=False)
         devices = {p.device for p in model.parameters()}
         if len(devices) != 1 or next(iter(devices)).type == "meta":
             raise NotImplementedError(f"the fast decoder needs every parameter on one device, got {devices}")
@@ -252,9 +252,9 @@ class KVDecoder:
         for i, block in enumerate(model.h):
             attn, mlp = block.attn, block.mlp
             for module, kind, where in (
-                (block.ln_1, nn.LayerNorm, "ln_1"), (attn.qkv, Linear, "attn.qkv"),
-                (attn.proj, Linear, "attn.proj"), (block.ln_2, nn.LayerNorm, "ln_2"),
-                (mlp.fc, Linear, "mlp.fc"), (mlp.act, GELU, "mlp.act"), (mlp.proj, Linear, "mlp.proj"),
+                (block.ln_1, nn.LayerNorm, "ln_1"), (attn.qkv, nn.Linear, "attn.qkv"),
+                (attn.proj, nn.Linear, "attn.proj"), (block.ln_2, nn.LayerNorm, "ln_2"),
+                (mlp.fc, nn.Linear, "mlp.fc"), (mlp.act, nn.GELU, "mlp.act"), (mlp.proj, nn.Linear, "mlp.proj"),
             ):
                 _plain(module, kind, f"h[{i}].{where}")
             # One flat tuple per layer (views of the parameters, no copies): a decode step is short
@@ -287,7 +287,7 @@ class KVDecoder:
         # The class vector is the same at every position: look it up once. (B, 1, C)
         self.cls = None
         if model.cls_emb is not None:
-            _plain(model.cls_emb, nn.Embedding, "cls_emb")
+            _plain(model.cls_emb, ClassEmbedding, "cls_emb")
             if classes is None:
                 classes = torch.full((batch_size,), cfg.num_classes, dtype=torch.long, device=self.device)
             self.cls = F.embedding(classes.to(self.device), model.cls_emb.weight)[:, None, :]

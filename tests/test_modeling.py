@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+import warnings
 
 import pytest
 import torch
@@ -163,6 +163,7 @@ def test_attn_implementation_selectable_at_load(tmp_path):
     assert m.config._attn_implementation == "eager"
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # 5.24+: the old name
 def test_cached_incremental_matches_full_forward():
     model = tiny_model()
     ids, classes = random_batch(model.config)
@@ -258,92 +259,6 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("mode", ["autocast-bf16", "bf16", "fp16"])
-@pytest.mark.parametrize("frozen", [None, "weight", "input"])
-def test_reduced_precision_cpu_linear_matches_autograd(mode, frozen):
-    """The layout-aware reduced-precision CPU backward gives autograd's own gradients."""
-    from codegpt.modeling_codegpt import Linear
-
-    torch.manual_seed(0)
-    dtype = {"autocast-bf16": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-    ours = Linear(48, 80).to(dtype)
-    plain = torch.nn.Linear(48, 80).to(dtype)
-    plain.load_state_dict(ours.state_dict())
-    x = torch.randn(3, 7, 48, dtype=dtype)
-    g = torch.randn(3, 7, 80, dtype=torch.bfloat16 if mode == "autocast-bf16" else dtype)
-
-    def run(layer: torch.nn.Linear) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        layer.zero_grad(set_to_none=True)
-        layer.weight.requires_grad_(frozen != "weight")
-        inp = x.clone().requires_grad_(frozen != "input")
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast-bf16" else contextlib.nullcontext()
-        with ctx:
-            out = layer(inp)
-        out.backward(g)
-        grads = {"x": inp.grad, "weight": layer.weight.grad, "bias": layer.bias.grad}
-        return out, grads
-
-    out, grads = run(ours)
-    ref_out, ref_grads = run(plain)
-    assert out.grad_fn.name() == "_LinearReducedPrecisionCPUBackward"  # the fast path really ran
-    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
-    for name, ref in ref_grads.items():
-        if ref is None:
-            assert grads[name] is None, name
-            continue
-        assert grads[name].dtype == ref.dtype, name
-        # Same products, possibly summed in another order: a few units of the format's last place.
-        torch.testing.assert_close(grads[name], ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item(), msg=name)
-
-    with torch.no_grad():  # inference is plain F.linear
-        torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_tanh_gelu_matches_torch(dtype):
-    """The sigmoid-form tanh GELU: torch's values and gradients, in training and in inference."""
-    from codegpt.modeling_codegpt import GELU
-
-    x = torch.cat([torch.linspace(-30, 30, 20001, dtype=dtype), torch.randn(3, 1000, dtype=dtype).flatten()])
-    g = torch.randn_like(x)
-    ours_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y = GELU(approximate="tanh")(ours_in)
-    ref = F.gelu(ref_in, approximate="tanh")
-    assert y.grad_fn.name() == "_TanhGELUCPUBackward"  # the CPU path really ran
-    y.backward(g)
-    ref.backward(g)
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}  # a few ulp
-    torch.testing.assert_close(y, ref, **tol)
-    torch.testing.assert_close(ours_in.grad, ref_in.grad, **tol)
-    with torch.no_grad():
-        torch.testing.assert_close(GELU(approximate="tanh")(x), ref.detach(), **tol)
-    probe = torch.randn(40, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(GELU(approximate="tanh"), (probe,))
-    # Exact GELU and low precision keep torch's kernels.
-    torch.testing.assert_close(GELU()(x), F.gelu(x), rtol=0, atol=0)
-    xb = x.bfloat16()
-    torch.testing.assert_close(GELU(approximate="tanh")(xb), F.gelu(xb, approximate="tanh"), rtol=0, atol=0)
-
-
-def test_dropout_keeps_each_element_with_probability_one_minus_p():
-    from codegpt.modeling_codegpt import Dropout
-
-    p, n = 0.1, 1_000_001  # odd: the last 64-bit draw is half used
-    drop = Dropout(p).train()
-    x = torch.rand(n, dtype=torch.float64) + 1.0  # never zero, so a zero output means dropped
-    torch.manual_seed(0)
-    y = drop(x.requires_grad_())
-    kept = y != 0
-    # Binomial(n, 1 - p): within 5 standard deviations.
-    assert abs(kept.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
-    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, kept.double() / (1 - p))
-    torch.manual_seed(0)
-    assert torch.equal(drop(x.detach()), y.detach())  # the same seed drops the same elements
-    assert torch.equal(drop.eval()(x), x)
-
-
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +283,6 @@ def test_save_load_round_trip_through_auto_classes(tmp_path, tie):
         assert isinstance(loaded, GPT) and not loaded.training
         assert torch.equal(loaded(ids, classes=classes).logits, expected)
         assert (loaded.lm_head.weight is loaded.wte.weight) == tie
-        assert torch.equal(loaded.causal_mask, torch.ones_like(loaded.causal_mask).tril())
         assert loaded.generation_config.suppress_tokens == [16]
 
 
@@ -481,3 +395,341 @@ def test_too_long_after_cache_is_rejected(cond_model):
     cache = cond_model(ids[:, :10], classes=classes, use_cache=True).cache
     with pytest.raises(ValueError, match="too long"):
         cond_model(ids[:, :8], classes=classes, cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches of every kind
+# ---------------------------------------------------------------------------------------------
+
+
+def make_cache(kind: str, config: GPTConfig):
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "dynamic":
+        return DynamicCache()
+    return StaticCache(config=config, max_cache_len=config.max_position_embeddings)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_cache_prefill_then_token_by_token_matches_uncached(kind, impl):
+    model = tiny_model()
+    model.config._attn_implementation = impl
+    ids, classes = random_batch(model.config)
+    full = model(ids, classes=classes, use_cache=False).logits
+    for prefill in (1, 6):  # a start token alone, or a prompt
+        cache = make_cache(kind, model.config)
+        steps = [model(ids[:, :prefill], classes=classes, cache=cache).logits]
+        steps += [model(ids[:, t : t + 1], classes=classes, cache=cache).logits for t in range(prefill, ids.shape[1])]
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    # and the whole sequence in one call
+    torch.testing.assert_close(model(ids, classes=classes, cache=make_cache(kind, model.config)).logits, full,
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_cache_with_left_padding_matches_unpadded_rows(kind):
+    model = tiny_model()
+    ids, classes = random_batch(model.config, batch=2, length=10)
+    pad = 3
+    padded = torch.cat([torch.zeros(2, pad, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(2, pad, dtype=torch.long), torch.ones(2, 10, dtype=torch.long)], 1)
+    mask[1, :pad] = 1  # row 1 has no padding: its "pad" tokens are real
+    padded[1, :pad] = ids[1, 1 : pad + 1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = make_cache(kind, model.config)
+    steps = [model(padded[:, :6], classes=classes, attention_mask=mask[:, :6], position_ids=positions[:, :6],
+                   cache=cache).logits]
+    for t in range(6, padded.shape[1]):
+        steps.append(model(padded[:, t : t + 1], classes=classes, attention_mask=mask[:, : t + 1],
+                           position_ids=positions[:, t : t + 1], cache=cache).logits)
+    cached = torch.cat(steps, 1)
+    uncached = model(padded, classes=classes, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(cached[:, pad:], uncached[:, pad:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached[0, pad:], model(ids[:1], classes=classes[:1]).logits[0], rtol=0, atol=1e-5)
+
+
+def test_generate_with_static_cache_equals_default_cache():
+    model = tiny_model()
+    classes = torch.tensor([0, 2, 1])
+    default = model.generate(classes=classes, do_sample=False)
+    static = model.generate(classes=classes, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, default)
+    # left-padded prompts too
+    prompts = torch.tensor([[0, 0, 16, 3], [16, 5, 7, 1]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    kw = dict(input_ids=prompts, attention_mask=mask, classes=classes[:2], do_sample=False, max_new_tokens=6)
+    assert torch.equal(model.generate(**kw, cache_implementation="static"), model.generate(**kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# generate(): every strategy, with classes
+# ---------------------------------------------------------------------------------------------
+
+
+def greedy_by_hand(model: GPT, prompt: torch.Tensor, classes: torch.Tensor, new: int) -> torch.Tensor:
+    seq = prompt
+    for _ in range(new):
+        logits = model(seq, classes=classes, use_cache=False).logits[:, -1]
+        logits[:, model.config.codebook_size :] = float("-inf")  # special ids are never sampled
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+def test_config_declares_no_pad_or_eos_token():
+    cfg = tiny_config()
+    assert cfg.pad_token_id is None and cfg.eos_token_id is None
+    assert GPT(cfg).generation_config.eos_token_id is None
+
+
+def test_generate_greedy_equals_argmax_loop():
+    model = tiny_model()
+    classes = torch.tensor([0, 2, 1])
+    start = torch.full((3, 1), model.config.start_token_id)
+    out = model.generate(classes=classes, do_sample=False)
+    assert torch.equal(out, greedy_by_hand(model, start, classes, model.config.seq_len))
+    assert not torch.equal(out[0], model.generate(classes=torch.tensor([1]), do_sample=False)[0])
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])  # sampling, beam sampling
+def test_generate_sampling_is_seeded_and_expands_classes(num_beams):
+    model = tiny_model()
+    classes = torch.tensor([0, 2])
+    start = torch.full((6, 1), model.config.start_token_id)
+
+    def sample(**kw):
+        torch.manual_seed(5)
+        return model.generate(do_sample=True, top_k=0, num_beams=num_beams, max_new_tokens=6, **kw)
+
+    out = sample(classes=classes, num_return_sequences=3)
+    assert out.shape == (6, 7) and (out[:, 1:] < model.config.codebook_size).all()
+    if num_beams == 1:  # one row per returned sequence, each with its prompt's class
+        assert torch.equal(out, sample(input_ids=start, classes=classes.repeat_interleave(3)))
+    assert torch.equal(out, sample(classes=classes, num_return_sequences=3))
+
+
+def test_generate_beam_search_scores_are_the_model_log_probs():
+    model = tiny_model()
+    classes = torch.tensor([0, 2])
+    out = model.generate(classes=classes, do_sample=False, num_beams=3, num_return_sequences=2, max_new_tokens=5,
+                         length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    seqs = out.sequences
+    assert seqs.shape == (4, 6)
+    logp = F.log_softmax(model(seqs, classes=classes.repeat_interleave(2)).logits[:, :-1], -1)
+    by_model = logp.gather(-1, seqs[:, 1:, None])[..., 0].sum(-1)
+    torch.testing.assert_close(out.sequences_scores, by_model, rtol=1e-4, atol=1e-4)
+    assert (out.sequences_scores[0::2] >= out.sequences_scores[1::2]).all()  # best beam first
+
+
+def test_generate_assisted_decoding_equals_greedy():
+    model = tiny_model()
+    assistant = tiny_model(seed=3)  # another prior of the same kind: a draft, not the answer
+    classes = torch.tensor([1])
+    out = model.generate(classes=classes, do_sample=False, assistant_model=assistant)
+    assert torch.equal(out, model.generate(classes=classes, do_sample=False))
+
+
+def test_generate_return_dict_with_scores_logits_attentions_hidden_states():
+    model = tiny_model()
+    model.set_attn_implementation("eager")
+    classes = torch.tensor([0, 2])
+    out = model.generate(classes=classes, do_sample=False, max_new_tokens=4, return_dict_in_generate=True,
+                         output_scores=True, output_logits=True, output_attentions=True, output_hidden_states=True)
+    L = model.config.num_layers
+    assert out.sequences.shape == (2, 5)
+    assert len(out.scores) == len(out.logits) == len(out.attentions) == len(out.hidden_states) == 4
+    first = model(out.sequences[:, :1], classes=classes).logits[:, -1]
+    torch.testing.assert_close(out.logits[0], first, rtol=0, atol=1e-5)
+    assert torch.isinf(out.scores[0][:, model.config.codebook_size :]).all()  # special ids suppressed
+    assert len(out.attentions[0]) == L and out.attentions[-1][0].shape == (2, 4, 1, 4)
+    assert len(out.hidden_states[0]) == L + 1 and out.hidden_states[-1][0].shape == (2, 1, 32)
+
+
+def test_generate_left_padded_batch_equals_each_row_alone():
+    model = tiny_model()
+    prompts = [torch.tensor([16, 4, 9, 2]), torch.tensor([16, 7])]
+    classes = torch.tensor([2, 0])
+    batch = torch.tensor([[16, 4, 9, 2], [0, 0, 16, 7]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    out = model.generate(input_ids=batch, attention_mask=mask, classes=classes, do_sample=False, max_new_tokens=5)
+    for row, (prompt, cls) in enumerate(zip(prompts, classes, strict=True)):
+        alone = model.generate(input_ids=prompt[None], classes=cls[None], do_sample=False, max_new_tokens=5)
+        assert torch.equal(out[row, -5:], alone[0, -5:]), row
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs and keywords
+# ---------------------------------------------------------------------------------------------
+
+
+def test_return_dict_false_returns_the_transformers_tuple():
+    model = tiny_model()
+    ids, classes = random_batch(model.config)
+    out = model(ids, labels=ids, classes=classes)
+    loss, logits, cache = model(ids, labels=ids, classes=classes, return_dict=False)
+    assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits) and cache.get_seq_length() == 17
+    (logits_only,) = model(ids, classes=classes, use_cache=False, return_dict=False)
+    assert torch.equal(logits_only, out.logits)
+    model.config.return_dict = False  # the config's default is honoured
+    assert isinstance(model(ids, classes=classes), tuple)
+    model.config.return_dict = True
+    logits, loss = model(ids, labels=ids, classes=classes)  # the default output still unpacks as the seed's
+    assert torch.equal(loss, out.loss)
+
+
+def test_output_flags_fall_back_to_the_config():
+    model = tiny_model()
+    model.set_attn_implementation("eager")
+    ids, classes = random_batch(model.config, length=5)
+    out = model(ids, classes=classes)
+    assert out.attentions is None and out.hidden_states is None
+    model.config.output_attentions = True
+    model.config.output_hidden_states = True
+    out = model(ids, classes=classes)
+    assert len(out.attentions) == 2 and len(out.hidden_states) == 3
+    assert model(ids, classes=classes, output_attentions=False).attentions is None
+
+
+def test_unknown_keywords_raise_type_error(cond_model):
+    ids, classes = random_batch(cond_model.config)
+    with pytest.raises(TypeError, match="class_ids"):
+        cond_model(ids, class_ids=classes)
+    with pytest.raises(TypeError, match="label"):
+        cond_model(ids, classes=classes, label=ids)
+
+
+def test_shift_labels_are_used_instead_of_labels(cond_model):
+    ids, classes = random_batch(cond_model.config)
+    other = torch.roll(ids, 1, dims=0)
+    shifted = F.pad(other[:, 1:], (0, 1), value=-100)
+    expected = cond_model(ids, classes=classes, labels=other).loss
+    # Trainer's context parallelism passes both: the pre-shifted targets win.
+    loss = cond_model(ids, classes=classes, labels=ids, shift_labels=shifted).loss
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    counted = (shifted != -100).sum()
+    summed = cond_model(ids, classes=classes, shift_labels=shifted, num_items_in_batch=counted * 2).loss
+    torch.testing.assert_close(summed, expected / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_logits_to_keep_computes_the_last_positions_only(cond_model):
+    ids, classes = random_batch(cond_model.config)
+    full = cond_model(ids, labels=ids, classes=classes)
+    last = cond_model(ids, classes=classes, logits_to_keep=1).logits
+    assert last.shape == (3, 1, 17)
+    torch.testing.assert_close(last, full.logits[:, -1:], rtol=0, atol=1e-6)
+    picked = cond_model(ids, classes=classes, logits_to_keep=torch.tensor([0, 4])).logits
+    torch.testing.assert_close(picked, full.logits[:, [0, 4]], rtol=0, atol=1e-6)
+    # 0 keeps everything, as in transformers
+    torch.testing.assert_close(cond_model(ids, labels=ids, classes=classes, logits_to_keep=0).loss, full.loss)
+
+
+def test_inputs_embeds_equal_input_ids(cond_model):
+    ids, classes = random_batch(cond_model.config)
+    expected = cond_model(ids, classes=classes).logits
+    torch.testing.assert_close(cond_model(inputs_embeds=cond_model.wte(ids), classes=classes).logits, expected)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        cond_model(ids, inputs_embeds=cond_model.wte(ids), classes=classes)
+
+
+def test_past_key_values_and_cache_position_keywords(cond_model):
+    from codegpt.modeling_codegpt import _CACHE_FIELD
+
+    ids, classes = random_batch(cond_model.config)
+    full = cond_model(ids, classes=classes).logits
+    cache = cond_model(ids[:, :5], classes=classes).cache
+    renamed = _CACHE_FIELD == "cache"  # transformers' own deprecation where the installed version renamed it
+    with pytest.warns(FutureWarning, match="past_key_values") if renamed else contextlib.nullcontext():
+        out = cond_model(ids[:, 5:9], classes=classes, past_key_values=cache, cache_position=torch.arange(5, 9))
+    torch.testing.assert_close(out.logits, full[:, 5:9], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpointing, compile, export, config attributes
+# ---------------------------------------------------------------------------------------------
+
+
+# (offload=True pins host memory: it needs an accelerator, whatever the model)
+@pytest.mark.parametrize("option", ["reentrant", "non-reentrant", "every-2nd-layer"])
+def test_gradient_checkpointing_options_through_transformers(option):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    ids, classes = random_batch(tiny_config())
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = tiny_model().train()
+        if checkpointing:
+            assert all(isinstance(block, GradientCheckpointingLayer) for block in model.h)
+            if option in ("reentrant", "non-reentrant"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)  # 5.x prefers activation_checkpointing_enable
+                    kwargs = {"use_reentrant": option == "reentrant"}
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                assert all(block.gradient_checkpointing for block in model.h)
+            elif not hasattr(model, "activation_checkpointing_enable"):
+                pytest.skip("every_n_layers arrived with activation_checkpointing_enable (5.x)")
+            else:
+                model.activation_checkpointing_enable(every_n_layers=2)
+                assert [block.gradient_checkpointing for block in model.h] == [True, False]
+        torch.manual_seed(123)
+        model(ids, labels=ids, classes=classes, use_cache=True).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, ckpt = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_forward_reads_no_values_off_cpu():
+    """On an accelerator, reading a value is a host sync: forward must check shapes only. The meta
+    device has no values at all, so any read fails there."""
+    model = tiny_model().to("meta")
+    ids, classes = random_batch(model.config)
+    out = model(ids.to("meta"), labels=ids.to("meta"), classes=classes.to("meta"), attention_mask=torch.ones(
+        3, 17, dtype=torch.long, device="meta"))
+    assert out.logits.shape == (3, 17, 17) and out.logits.device.type == "meta"
+    with pytest.raises(ValueError, match="classes"):  # shapes are still checked
+        model(ids.to("meta"), classes=classes[:2].to("meta"))
+
+
+def test_torch_export_with_static_and_dynamic_batch(cond_model):
+    ids, classes = random_batch(cond_model.config)
+    expected = cond_model(ids, classes=classes).logits
+    kwargs = {"classes": classes, "use_cache": False}
+    exported = torch.export.export(cond_model, (ids,), kwargs)
+    torch.testing.assert_close(exported.module()(ids, **kwargs).logits, expected)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    shapes = {"input_ids": {0: batch}, "classes": {0: batch}, "use_cache": None}
+    exported = torch.export.export(cond_model, (ids,), kwargs, dynamic_shapes=shapes)
+    out = exported.module()(ids[:2], classes=classes[:2], use_cache=False).logits
+    torch.testing.assert_close(out, expected[:2])
+
+
+def test_compile_fullgraph_forward_and_static_cache_decode_step():
+    model = tiny_model()
+    assert model._can_compile_fullgraph
+    ids, classes = random_batch(model.config)
+    full = model(ids, classes=classes).logits
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(ids, classes=classes).logits, full, rtol=0, atol=1e-5)
+    cache = make_cache("static", model.config)
+    model(ids[:, :8], classes=classes, cache=cache)  # prefill, not compiled
+    for t in (8, 9):  # two steps: the second reuses the graph
+        step = compiled(ids[:, t : t + 1], classes=classes, cache=cache).logits
+        torch.testing.assert_close(step, full[:, t : t + 1], rtol=0, atol=1e-5)
+
+
+def test_max_position_embeddings_is_settable():
+    cfg = tiny_config()
+    cfg.max_position_embeddings = 9
+    assert cfg.seq_len == 8 and cfg.max_position_embeddings == 9
+    assert tiny_config(seq_len=None, max_position_embeddings=33).seq_len == 32
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        tiny_config(max_position_embeddings=40)  # seq_len=16 says 17
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        cfg.max_position_embeddings = 1
+
+
+def test_base_model_is_the_model(tmp_path):
+    model = tiny_model()
+    assert model.base_model is model
+    assert model.base_model_prefix == "" or isinstance(getattr(model, model.base_model_prefix, None), torch.nn.Module)
