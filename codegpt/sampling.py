@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from transformers import (
     LogitsProcessor,
+    PretrainedConfig,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.configuration_utils import PretrainedConfig
 
 from .fast import KVDecoder
 from .fast.decoder import input_device

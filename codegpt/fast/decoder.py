@@ -199,7 +199,9 @@ class KVDecoder:
         """Feed one token per row ``(B,)`` at position ``pos``; returns its logits ``(B, V)``."""
         raise NotImplementedError
 
-    def _setup(self, model: nn.Module, batch_size: int, classes: torch.Tensor | None, length: int | None):
+    def _setup(
+        self, model: nn.Module, batch_size: int, classes: torch.Tensor | None, length: int | None
+    ) -> tuple[PretrainedConfig, torch.Tensor | None]:
         """What both paths share: shapes, the device, and the classes (the null class by default)."""
         cfg = _codegpt_config(model)
         self.B, self.P = batch_size, min(length or cfg.seq_len + 1, cfg.seq_len + 1)
