@@ -159,7 +159,7 @@ def breakdown(row: str, new_tokens: int, rounds: int, device: str) -> str:
     """
     import types
 
-    import codegpt.sampling as sampling
+    import codegpt.fast.decoder as decoder
 
     ours, _, batch = build(row, device)
     vocab, seq_len, _, layers, heads, _ = ROWS[row]
@@ -169,18 +169,18 @@ def breakdown(row: str, new_tokens: int, rounds: int, device: str) -> str:
     no_attention = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
     no_attention.scaled_dot_product_attention = lambda q, k, v, is_causal=False: q
 
-    attend_one = sampling._attend_one
+    attend_one = decoder._attend_one
 
     def variant(model, top_k=TOP_K, functional=F):
         def run():
-            sampling.F = functional
+            decoder.F = functional  # the fast decoder's functional ops
             if functional is no_attention:  # the CPU's decode steps attend through _attend_one
-                sampling._attend_one = lambda q, k, v: q
+                decoder._attend_one = lambda q, k, v: q
             try:
                 return generate(model, start, max_new_tokens=new_tokens, top_k=top_k,
                                 temperature=1.0 if top_k else 0.0)
             finally:
-                sampling.F, sampling._attend_one = F, attend_one
+                decoder.F, decoder._attend_one = F, attend_one
         return run
 
     times = interleave({"full": variant(ours), "no-attn": variant(ours, functional=no_attention),

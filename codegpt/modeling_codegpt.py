@@ -83,21 +83,16 @@ class ClassEmbedding(nn.Embedding):
     """The class condition: one learned vector per class, plus the null class (row ``num_classes``)
     that means "no condition" and makes classifier-free guidance possible.
 
-    It is an ``nn.Embedding`` (its table is ``cls_emb.weight``, the key checkpoints have always had);
-    ``cls_emb.embedding`` names the same table for code that reaches for it by that name. Calling it
-    returns the (B, C) class vectors: the null class for ``classes=None``, and in training mode each
-    sample's class is replaced by the null class with probability ``dropout_prob``, so that one model
-    learns both the conditional and the unconditional distribution.
+    It is an ``nn.Embedding`` (its table is ``cls_emb.weight``, the key checkpoints have always had).
+    Calling it returns the (B, C) class vectors: the null class for ``classes=None``, and in training
+    mode each sample's class is replaced by the null class with probability ``dropout_prob``, so that
+    one model learns both the conditional and the unconditional distribution.
     """
 
     def __init__(self, num_classes: int, embed_dim: int, dropout_prob: float = 0.0) -> None:
         super().__init__(num_classes + 1, embed_dim)
         self.null_class = num_classes
         self.dropout_prob = dropout_prob
-
-    @property
-    def embedding(self) -> nn.Embedding:
-        return self
 
     def forward(self, classes: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         if classes is None:
