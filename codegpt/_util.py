@@ -151,7 +151,7 @@ def check_int(name: str, value: object, low: int | None = None, high: int | None
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be an int {_range_text(low, high)}, got {value}")
+        raise ValueError(f"{name} must be {_range_text(low, high)}, got {value}")
     return value
 
 

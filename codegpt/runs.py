@@ -20,15 +20,18 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ._util import check_path, read_json, resolve_device, write_text
+from ._util import atomic_write, check_int, check_path, read_json, resolve_device, write_text
 from .configuration_codegpt import GPTConfig
 from .modeling_codegpt import GPT
+from .sampling import generate
 
 __all__ = [
     "MODEL_DIR",
@@ -47,6 +50,10 @@ __all__ = [
     "read_metrics",
     "write_log",
     "append_log",
+    "Decoder",
+    "sample_classes",
+    "render_codes",
+    "save_image_grid",
 ]
 
 MODEL_DIR = "model"
@@ -206,3 +213,103 @@ def append_log(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
     truncated last line, and the next run rewrites the log from its checkpoint (``write_log``)."""
     with open(Path(run_dir) / LOG, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples: the one per-class sampler and the one image grid (training, `codegpt sample`, evaluation)
+# ---------------------------------------------------------------------------------------------
+
+# Images (B, h, w) or (B, h, w, 3) with values in [0, 1], from codes (B, H, W).
+Decoder = Callable[[torch.Tensor], "np.ndarray | torch.Tensor"]
+
+
+@torch.no_grad()
+def sample_classes(
+    model: GPT,
+    num_per_class: int,
+    classes: Sequence[int] | None = None,
+    *,
+    guidance_scale: float | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``num_per_class`` samples of each class in ``classes`` (default every class), grouped by class.
+
+    Returns codes (len(classes) * num_per_class, seq_len) on the CPU and their classes (same
+    length), or, for an unconditional model, ``num_per_class`` samples and None. Seeded through a
+    generator of its own, so torch's global RNG (dropout in a training run) is untouched; the model
+    is sampled in eval mode and left in the mode it was in.
+    """
+    config = model.config
+    check_int("num_per_class", num_per_class, low=1)
+    check_int("batch_size", batch_size, low=1)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if config.class_conditional:
+        wanted = list(range(config.num_classes)) if classes is None else [check_int("classes", c) for c in classes]
+        if not wanted or not all(0 <= c < config.num_classes for c in wanted):
+            raise ValueError(f"classes must be class ids in [0, {config.num_classes}), got {classes!r}")
+        labels = torch.tensor(wanted, device=device).repeat_interleave(num_per_class)
+    elif classes is not None:
+        raise ValueError("classes were given but the model is unconditional (config.class_conditional=False)")
+    was_training = model.training
+    model.eval()
+    chunks = []
+    total = len(labels) if config.class_conditional else num_per_class
+    for begin in range(0, total, batch_size):
+        end = min(begin + batch_size, total)
+        tokens = generate(
+            model,
+            classes=labels[begin:end] if config.class_conditional else None,
+            num_samples=None if config.class_conditional else end - begin,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
+        chunks.append(tokens[:, 1:])  # drop the start token
+    model.train(was_training)
+    return torch.cat(chunks).cpu(), labels.cpu() if config.class_conditional else None
+
+
+def render_codes(
+    codes: torch.Tensor, grid_shape: tuple[int, int], decode: Decoder | None, num_codes: int
+) -> np.ndarray:
+    """Images in [0, 1] for codes (B, seq_len): decoded pixels, or one fixed colour per code."""
+    codes = codes.reshape(codes.shape[0], *grid_shape).cpu()
+    if decode is not None:
+        images = decode(codes)
+        return images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    palette = np.random.default_rng(0).uniform(0.15, 1.0, size=(num_codes, 3))
+    return palette[codes.numpy()]
+
+
+def save_image_grid(
+    images: np.ndarray | torch.Tensor, path: str | os.PathLike, rows: int, scale: int = 8, pad: int = 2
+) -> Path:
+    """Tile images (N, h, w) or (N, h, w, 3) with values in [0, 1] into ``rows`` rows and write a PNG
+    atomically. Each pixel is upscaled ``scale`` times so that small images stay viewable; a grey
+    gutter of ``pad`` pixels separates them (grey: neither the ink nor the paper of any image)."""
+    from PIL import Image
+
+    images = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=-1)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape (N, h, w) or (N, h, w, 3), got {images.shape}")
+    n, h, w, _ = images.shape
+    if rows < 1 or n % rows:
+        raise ValueError(f"rows must be >= 1 and divide the number of images {n}, got {rows}")
+    cols = n // rows
+    images = np.clip(images, 0.0, 1.0).repeat(scale, axis=1).repeat(scale, axis=2)
+    H, W = h * scale, w * scale
+    canvas = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, 3), 0.5)
+    for i in range(n):
+        top, left = pad + (i // cols) * (H + pad), pad + (i % cols) * (W + pad)
+        canvas[top : top + H, left : left + W] = images[i]
+    picture = Image.fromarray((canvas * 255).round().astype(np.uint8))
+    return atomic_write(path, lambda f: picture.save(f, format="PNG"))
