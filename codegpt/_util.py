@@ -96,10 +96,10 @@ def save_safetensors(
 
 
 def replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
-    """Move a finished folder into place. An old folder of that name is moved aside first
+    """Move a finished folder (or file) into place. An old folder of that name is moved aside first
     (``os.replace`` cannot overwrite a non-empty folder) and deleted after."""
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    if final_dir.exists():
+    if final_dir.is_dir():
         old = final_dir.with_name(f"{final_dir.name}.old-{os.getpid()}")
         os.replace(final_dir, old)
         os.replace(tmp_dir, final_dir)
@@ -194,7 +194,10 @@ def check_path(name: str, value: object) -> Path:
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` (or None) is the current accelerator when torch sees one, else the CPU."""
     if device is None or device == "auto":
-        found = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+        if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, ROCm, XPU, MPS, ...
+            found = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        else:
+            found = "cuda" if torch.cuda.is_available() else None
         return torch.device(found if found is not None else "cpu")
     try:
         return torch.device(device)
