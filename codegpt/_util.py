@@ -25,6 +25,7 @@ __all__ = [
     "save_safetensors",
     "replace_dir",
     "read_json",
+    "as_tensor",
     "check_int",
     "check_float",
     "check_choice",
@@ -174,6 +175,20 @@ def check_float(
     if not ok:
         raise ValueError(f"{name} must be a number {_range_text(low, high, low_open, high_open)}, got {value!r}")
     return float(value)
+
+
+def as_tensor(name: str, value: object, *, integer: bool = False) -> torch.Tensor:
+    """A tensor from a tensor or numpy array, holding integers (``integer=True``) or real numbers
+    (floats kept as fp32/fp64; integers and fp16/bf16 become fp32, which distances need)."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+    if value.dtype == torch.bool or value.is_complex() or (integer and value.is_floating_point()):
+        raise TypeError(f"{name} must hold {'integers' if integer else 'real numbers'}, got dtype {value.dtype}")
+    if integer or value.dtype in (torch.float32, torch.float64):
+        return value
+    return value.float()
 
 
 def check_choice(name: str, value: object, choices: Iterable[Any]) -> Any:

@@ -35,7 +35,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ._util import check_choice, check_float, check_int, replace_dir, save_safetensors, write_json, write_text
+from ._util import (
+    as_tensor,
+    check_choice,
+    check_float,
+    check_int,
+    replace_dir,
+    save_safetensors,
+    write_json,
+    write_text,
+)
 
 __all__ = ["Codebook", "CodebookStats", "FitInfo"]
 
@@ -135,7 +144,7 @@ class Codebook(
         cls, centroids: torch.Tensor, metric: str = "euclidean", description: str = ""
     ) -> Codebook:
         """Wrap existing centroids (K, D), e.g. the embedding table of a trained VQ-VAE."""
-        centroids = _as_float_tensor("centroids", centroids)
+        centroids = as_tensor("centroids", centroids)
         if centroids.ndim != 2:
             raise ValueError(
                 f"centroids must have shape (num_codes, dim), got {tuple(centroids.shape)}"
@@ -219,7 +228,7 @@ class Codebook(
         dim = sample.shape[1]
         sample = _normalise(sample, metric)
         if init is not None:
-            init = _as_float_tensor("init", init)
+            init = as_tensor("init", init)
             if init.shape != (num_codes, dim):
                 raise ValueError(
                     f"init must have shape (num_codes, dim) = {(num_codes, dim)}, "
@@ -284,7 +293,7 @@ class Codebook(
     @torch.no_grad()
     def encode(self, vectors: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Nearest-centroid codes: (..., D) -> (...) int64, on the input's device."""
-        vectors = _as_float_tensor("vectors", vectors)
+        vectors = as_tensor("vectors", vectors)
         self._check_vectors(vectors)
         out_device = vectors.device
         flat = _normalise(vectors.reshape(-1, self.dim).to(self.centroids), self.metric)
@@ -298,14 +307,7 @@ class Codebook(
     @torch.no_grad()
     def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Centroids of `codes`: (...) integers in [0, num_codes) -> (..., D)."""
-        if isinstance(codes, np.ndarray):
-            codes = torch.from_numpy(codes)
-        if not isinstance(codes, torch.Tensor):
-            raise TypeError(
-                f"codes must be a torch.Tensor or numpy array, got {type(codes).__name__}"
-            )
-        if codes.dtype == torch.bool or codes.is_floating_point() or codes.is_complex():
-            raise TypeError(f"codes must hold integers, got dtype {codes.dtype}")
+        codes = as_tensor("codes", codes, integer=True)
         _check_codes("codes", codes, self.num_codes)
         return self.centroids[codes.to(self.centroids.device, torch.long)].to(codes.device)
 
@@ -315,7 +317,7 @@ class Codebook(
 
         With the cosine metric the error is measured against the L2-normalised vectors.
         """
-        vectors = _as_float_tensor("vectors", vectors)
+        vectors = as_tensor("vectors", vectors)
         self._check_vectors(vectors)
         flat = vectors.reshape(-1, self.dim)
         if flat.shape[0] == 0:
@@ -480,7 +482,7 @@ class _BatchSource:
         self._batch_index = 0
         self.dim: int | None = None
         if isinstance(data, (torch.Tensor, np.ndarray)):
-            tensor = _as_float_tensor("data", data)
+            tensor = as_tensor("data", data)
             if tensor.ndim < 1 or tensor.shape[-1] < 1 or tensor.numel() == 0:
                 raise ValueError(f"data must have shape (..., D) with D >= 1 and hold at least one "
                                  f"vector, got {tuple(tensor.shape)}")
@@ -508,7 +510,7 @@ class _BatchSource:
         self._batch_index += 1
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
             batch = batch[0]  # (vectors, labels) pairs from a DataLoader
-        x = _as_float_tensor(f"data batch {index}", batch)
+        x = as_tensor(f"data batch {index}", batch)
         if x.ndim < 1:
             raise ValueError(f"data batch {index} must have shape (..., D), got a scalar")
         x = x.reshape(-1, x.shape[-1])
@@ -634,19 +636,6 @@ def _normalise(x: torch.Tensor, metric: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- validation helpers
-
-
-def _as_float_tensor(name: str, value: Any) -> torch.Tensor:
-    """A floating tensor view of `value`; integers are converted, anything else is a TypeError."""
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
-    if value.dtype == torch.bool or value.is_complex():
-        raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
-    if value.dtype not in (torch.float32, torch.float64):
-        value = value.float()  # fp16/bf16 distances lose too much precision for argmin
-    return value
 
 
 def _check_finite(name: str, value: torch.Tensor) -> None:

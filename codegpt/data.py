@@ -43,7 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, Subset
 
-from ._util import check_int, save_safetensors, write_json
+from ._util import as_tensor, check_int, save_safetensors, write_json
 from .codebook import Codebook
 
 __all__ = [
@@ -172,7 +172,7 @@ class CodeDatasetWriter:
         """Append items: codes (n, H, W) in [0, codebook_size), labels (n,) in [0, num_classes)."""
         if self._closed:
             raise RuntimeError("this CodeDatasetWriter is closed")
-        codes = _as_int_tensor("codes", codes)
+        codes = as_tensor("codes", codes, integer=True).cpu()
         if codes.ndim != 3:
             raise ValueError(f"codes must have shape (n, H, W), got {tuple(codes.shape)}")
         if self.grid is None:
@@ -192,7 +192,7 @@ class CodeDatasetWriter:
             if labels is None:
                 raise ValueError(f"labels are required: the dataset has num_classes="
                                  f"{self.num_classes}")
-            labels = _as_int_tensor("labels", labels)
+            labels = as_tensor("labels", labels, integer=True).cpu()
             if tuple(labels.shape) != (n,):
                 raise ValueError(f"labels must have shape ({n},) to match codes, "
                                  f"got {tuple(labels.shape)}")
@@ -278,11 +278,11 @@ def write_code_dataset(
 
     See `CodeDatasetWriter` for the arguments and the guarantees.
     """
-    codes = _as_int_tensor("codes", codes)
+    codes = as_tensor("codes", codes, integer=True).cpu()
     if codes.ndim != 3:
         raise ValueError(f"codes must have shape (N, H, W), got {tuple(codes.shape)}")
     if labels is not None:
-        labels = _as_int_tensor("labels", labels)
+        labels = as_tensor("labels", labels, integer=True).cpu()
         if tuple(labels.shape) != codes.shape[:1]:
             raise ValueError(f"labels must have shape ({codes.shape[0]},) to match codes, "
                              f"got {tuple(labels.shape)}")
@@ -665,16 +665,6 @@ def _check_range(values: Any, size: int, what: str, where: str, first_item: int,
     position = "" if grid is None else f" at {divmod(column, grid[1])}"
     place = where.format(row=row, item=first_item + row)
     raise ValueError(f"{place}: {what} {value}{position} outside [0, {size})")
-
-
-def _as_int_tensor(name: str, value: Any) -> torch.Tensor:
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
-    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-        raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
-    return value.cpu()
 
 
 def _check_grid(grid: Any) -> tuple[int, int]:
