@@ -23,11 +23,10 @@ import numpy as np
 import torch
 
 from ._util import check_int, write_json
-from .configuration_codegpt import GPTConfig
 from .digits import codes_to_images, digits_code_dataset, load_digits_images, patch_decoder
 from .evaluation import digit_judge_accuracy, evaluate_prior, fit_digit_judge
 from .runs import load_model, save_image_grid
-from .training import TrainingArguments, train
+from .training import TrainingArguments, config_for, train
 
 __all__ = ["DemoSettings", "TARGETS", "run_demo", "format_report"]
 
@@ -89,18 +88,9 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     codebook, dataset = digits.codebook, digits.dataset
     t_codes = time.perf_counter()
 
-    config = GPTConfig(
-        vocab_size=dataset.vocab_size,
-        seq_len=dataset.seq_len,
-        embed_dim=s.embed_dim,
-        num_layers=s.num_layers,
-        num_heads=s.num_heads,
-        embd_dropout=s.dropout,
-        resid_dropout=s.dropout,
-        class_conditional=True,
-        num_classes=dataset.num_classes,
-        class_dropout_prob=s.class_dropout,
-        tie_word_embeddings=s.tie_embeddings,
+    config = config_for(
+        dataset, dropout=s.dropout, embed_dim=s.embed_dim, num_layers=s.num_layers, num_heads=s.num_heads,
+        class_dropout_prob=s.class_dropout, tie_word_embeddings=s.tie_embeddings,
     )
     args = TrainingArguments(
         output_dir=out / "run",

@@ -50,6 +50,7 @@ __all__ = [
     "parameter_groups",
     "lr_lambda",
     "check_compatible",
+    "config_for",
     "EpochBatchSampler",
 ]
 
@@ -296,6 +297,19 @@ def check_compatible(
         problems.append(f"num_classes {config.num_classes} != {num_classes} (set num_classes={num_classes})")
     if problems:
         raise ValueError(f"the model config does not match {where}: " + "; ".join(problems))
+
+
+def config_for(
+    dataset: Any, *, dropout: float = 0.0, class_conditional: bool | None = None, **kwargs: Any
+) -> GPTConfig:
+    """A ``GPTConfig`` sized for a code dataset (``CodeDataset``): vocabulary, sequence length and
+    classes from its metadata (class-conditional when it has classes, unless told otherwise);
+    ``dropout`` sets the embedding and residual dropout; ``kwargs`` go to ``GPTConfig``."""
+    conditional = dataset.num_classes > 0 if class_conditional is None else class_conditional
+    return GPTConfig(
+        vocab_size=dataset.vocab_size, seq_len=dataset.seq_len, class_conditional=conditional,
+        num_classes=dataset.num_classes if conditional else 0, embd_dropout=dropout, resid_dropout=dropout, **kwargs
+    )
 
 
 def _dataset_meta(dataset: Dataset) -> tuple[tuple[int, int] | None, int | None, int | None]:
