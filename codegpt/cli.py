@@ -91,56 +91,71 @@ class TrainInputs:
     patch: int | None = None
 
 
-# Per dataclass field: the spellings the hand-written parsers had (kept working) and the help.
-# HfArgumentParser adds --field_name and --field-name itself.
-_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
-    # demo (DemoSettings)
-    "out_dir": (("--out",), "output folder (re-running overwrites it)"),
-    "num_codes": ((), "codebook size"),
-    "patch": ((), "patch side of the codebook's vectors (train: default sqrt(dim))"),
-    "tie_embeddings": ((), "one table for the input codes and the output head"),
-    "steps": ((), "optimizer steps"),
-    "batch_size": ((), "sequences per step"),
-    "guidance_scale": ((), "classifier-free guidance of the guided samples"),
-    "grid_columns": ((), "samples per row (class) in samples.png"),
-    # train (TrainInputs)
-    "data": ((), "code dataset folder (see `codegpt fit-codebook`)"),
-    "config": ((), "GPTConfig JSON file or model folder (overrides the shape flags)"),
-    "embed_dim": ((), "width"),
-    "num_layers": (("--layers",), "depth"),
-    "num_heads": (("--heads",), "attention heads"),
-    "dropout": ((), "embedding and residual dropout"),
-    "class_dropout": ((), "probability of training on the null class (for guidance)"),
-    "unconditional": ((), "ignore the dataset's classes"),
-    "val_fraction": ((), "held out of training (codebook fit, demo) for evaluation; 0: none"),
-    "split_seed": ((), "seeds the train/val split"),
-    "codebook": ((), "saved patch codebook, to draw the sample grids as pixels"),
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",")]
+
+
+def _grid_arg(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)[xX×](\d+)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"must look like HxW (e.g. 16x16), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+# Per dataclass field, what HfArgumentParser cannot know: the spellings the hand-written parsers
+# had (kept working), the help of fields that carry none, and how to read a value that is not a
+# plain str/int/float. It adds --field_name and --field-name itself.
+_FLAGS: dict[str, dict[str, Any]] = {
+    # demo (DemoSettings) and train (TrainInputs)
+    "embed_dim": {"help": "the prior's width"},
+    "num_layers": {"aliases": ["--layers"], "help": "the prior's depth"},
+    "num_heads": {"aliases": ["--heads"], "help": "attention heads"},
+    "dropout": {"help": "embedding and residual dropout"},
+    "class_dropout": {"help": "probability of training on the null class (for guidance)"},
+    "val_fraction": {"help": "held out (of the codebook fit, of training) for evaluation; 0: none"},
+    "split_seed": {"help": "seeds the train/val split"},
+    "data": {"help": "code dataset folder (see `codegpt fit-codebook`)"},
+    "config": {"help": "GPTConfig JSON file or model folder (replaces the shape flags)"},
+    "unconditional": {"help": "ignore the dataset's classes"},
+    "codebook": {"help": "saved patch codebook, to draw samples as pixels"},
+    "out_dir": {"aliases": ["--out"], "help": "output folder (re-running overwrites it)"},
+    "num_codes": {"help": "codebook size"},
+    "patch": {"help": "patch side of the codebook's vectors (train: default √dim)"},
+    "tie_embeddings": {"help": "one table for the input codes and the output head"},
+    "steps": {"help": "optimizer steps"},
+    "batch_size": {"help": "sequences per step"},
+    "guidance_scale": {"help": "classifier-free guidance of the guided samples"},
+    "grid_columns": {"help": "samples per row (class) in samples.png"},
     # train (TrainingArguments)
-    "output_dir": (("--out",), "run folder"),
-    "max_steps": (("--steps",), "optimizer steps"),
-    "per_device_batch_size": (("--batch-size",), "sequences per step and process"),
-    "gradient_accumulation_steps": (("--grad-accum",), "micro-batches per optimizer step"),
-    "learning_rate": (("--lr",), "peak learning rate"),
-    "min_lr_ratio": ((), "final lr / peak lr (cosine)"),
-    "warmup_steps": ((), "linear warmup (at most the number of steps)"),
-    "weight_decay": ((), "on matrices only"),
-    "adam_epsilon": ((), "AdamW epsilon"),
-    "max_grad_norm": ((), "gradient clipping; 0 turns it off"),
-    "mixed_precision": ((), "autocast: no (fp32), bf16 or fp16"),
-    "seed": ((), "seeds the weights, data order, dropout and samples"),
-    "eval_every": ((), "steps; 0: at the end only"),
-    "eval_batch_size": ((), "sequences per evaluation batch"),
-    "save_every": ((), "steps between checkpoints; 0: none"),
-    "save_total_limit": ((), "checkpoints kept"),
-    "sample_every": ((), "steps; 0: at the end only"),
-    "samples_per_class": ((), "samples per class (columns of the sample grids)"),
-    "sample_guidance_scale": (("--guidance-scale",), "classifier-free guidance of the sample grids"),
-    "sample_temperature": ((), "temperature of the sample grids"),
-    "log_every": ((), "steps between progress-bar updates"),
-    "resume": ((), "continue from the newest complete checkpoint in --out"),
-    "overwrite_output_dir": ((), "delete --out's checkpoints and start over"),
-    "progress": ((), "show a progress bar"),
-    "num_workers": ((), "DataLoader workers"),
+    "output_dir": {"aliases": ["--out"], "help": "run folder", "type": str},
+    "max_steps": {"aliases": ["--steps"], "help": "optimizer steps"},
+    "per_device_batch_size": {"aliases": ["--batch-size"], "help": "sequences per step and process"},
+    "gradient_accumulation_steps": {"aliases": ["--grad-accum"], "help": "micro-batches per optimizer step"},
+    "learning_rate": {"aliases": ["--lr"], "help": "peak learning rate"},
+    "min_lr_ratio": {"help": "final lr / peak lr (cosine)"},
+    "warmup_steps": {"help": "linear warmup (at most the number of steps)"},
+    "weight_decay": {"help": "on matrices only"},
+    "adam_epsilon": {"help": "AdamW epsilon"},
+    "max_grad_norm": {"help": "gradient clipping; 0 turns it off"},
+    "mixed_precision": {"help": "autocast: no (fp32), bf16 or fp16"},
+    "seed": {"help": "seeds the weights, data order, dropout and samples"},
+    "eval_every": {"help": "steps; 0: at the end only"},
+    "eval_batch_size": {"help": "sequences per evaluation batch"},
+    "save_every": {"help": "steps between checkpoints; 0: none"},
+    "save_total_limit": {"help": "checkpoints kept"},
+    "sample_every": {"help": "steps; 0: at the end only"},
+    "samples_per_class": {"help": "samples per class (columns of the sample grids)"},
+    "sample_guidance_scale": {"aliases": ["--guidance-scale"], "help": "classifier-free guidance of the sample grids"},
+    "sample_temperature": {"help": "temperature of the sample grids"},
+    "log_every": {"help": "steps between progress-bar updates"},
+    "resume": {"help": "continue from the newest complete checkpoint in --out"},
+    "overwrite_output_dir": {"help": "delete --out's checkpoints and start over"},
+    "progress": {"help": "show a progress bar"},
+    "num_workers": {"help": "DataLoader workers"},
+    # push (CardInfo)
+    "class_names": {"type": _names, "help": "comma-separated class names, in class-id order"},
+    "grid_shape": {"aliases": ["--grid"], "type": _grid_arg},
+    "tags": {"aliases": ["--tag"], "type": str, "action": "append", "help": "an extra Hub tag (repeatable)"},
 }
 # Fields with no command-line form (a pair of floats); they keep their dataclass default.
 _NOT_FLAGS = {"adam_betas"}
@@ -162,11 +177,10 @@ class _ArgumentParser(HfArgumentParser):
     def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
         if field.name in _NOT_FLAGS:
             return
-        aliases, help = _FLAGS.get(field.name, ((), None))
+        extra = dict(_FLAGS.get(field.name, {}))
         field = copy.copy(field)  # the dataclass's own field stays as it is
-        field.metadata = {**field.metadata, "aliases": list(aliases), "help": help}
-        if field.type == str | os.PathLike:  # a path is given as text
-            field.type = str
+        field.type = extra.pop("type", field.type)  # HfArgumentParser reads a value with field.type
+        field.metadata = {**field.metadata, **extra}
         HfArgumentParser._parse_dataclass_field(parser, field)
 
 
@@ -192,13 +206,6 @@ def _int_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated ints such as 0,3,7, got {text!r}") from None
-
-
-def _grid_arg(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)[xX×](\d+)", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"must look like HxW (e.g. 16x16), got {text!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def _open_dataset(path: str | os.PathLike) -> CodeDataset:
@@ -429,19 +436,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _run_push(args: argparse.Namespace) -> int:
     with _user_errors():
         common = {
-            "info": CardInfo(
-                license=args.license,
-                model_name=args.model_name,
-                description=args.description,
-                dataset_id=args.dataset_id,
-                dataset_name=args.dataset_name,
-                dataset_split=args.dataset_split,
-                class_names=[n.strip() for n in args.class_names.split(",")] if args.class_names else None,
-                grid_shape=args.grid,
-                decoder=args.decoder,
-                base_model=args.base_model,
-                tags=tuple(args.tag),
-            ),
+            "info": _from_args(CardInfo, args),
             # Flags given replace single settings of the run's own (see --help).
             "sampling": {
                 k: getattr(args, k)
@@ -609,6 +604,7 @@ def _add_push(sub: Any) -> None:
     p = sub.add_parser(
         "push",
         formatter_class=_HelpFormatter,
+        dataclass_types=[CardInfo],
         help="share a trained prior on the Hugging Face Hub (model card, weights, code, codebook)",
         description=(
             "Render the model card and upload the model (safetensors, config.json with auto_map, the two "
@@ -624,17 +620,6 @@ def _add_push(sub: Any) -> None:
     p.add_argument("--training-args", metavar="JSON", help="training settings (default: the run's training_args.json)")
     p.add_argument("--codebook", metavar="DIR", help="a saved codebook folder, shipped in codebook/")
     p.add_argument("--data", metavar="DIR", help="the code dataset trained on (its grid, class names and description)")
-    p.add_argument("--license", default=CardInfo.license, help="Hub license id")
-    p.add_argument("--model-name", help="card title and model-index name (default: the repo name)")
-    p.add_argument("--description", help="a paragraph under the card's title")
-    p.add_argument("--dataset-id", help="training data id (a Hub dataset id or a short name)")
-    p.add_argument("--dataset-name", help="training data's human name")
-    p.add_argument("--dataset-split", default=CardInfo.dataset_split, help="split the metrics were measured on")
-    p.add_argument("--class-names", help="comma-separated class names, in class-id order")
-    p.add_argument("--grid", type=_grid_arg, help="code grid HxW (default: square seq_len)")
-    p.add_argument("--decoder", help="what turns codes into pixels (needed without --codebook)")
-    p.add_argument("--base-model", help="Hub repo of the VQ tokenizer / autoencoder the codes come from")
-    p.add_argument("--tag", action="append", default=[], help="an extra Hub tag (repeatable)")
     p.add_argument("--template", help="a model card template instead of codegpt's model_card.md")
     g = p.add_argument_group("recommended sampling settings (saved in generation_config.json)")
     g.add_argument("--temperature", type=float, help="0 is greedy (default: the run's sample temperature, or 1)")

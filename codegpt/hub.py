@@ -47,17 +47,8 @@ from .modeling_codegpt import GPT
 from .runs import load_model, resolve_run
 
 __all__ = [
-    "CODEBOOK_DIR",
-    "CardInfo",
-    "EvalMetric",
-    "SamplingSettings",
-    "TESTED_TRANSFORMERS",
-    "load_codebook",
-    "prepare_upload_folder",
-    "push_to_hub",
-    "render_model_card",
-    "select_metrics",
-    "upload_file_names",
+    "CODEBOOK_DIR", "CardInfo", "EvalMetric", "SamplingSettings", "TESTED_TRANSFORMERS", "load_codebook",
+    "prepare_upload_folder", "push_to_hub", "render_model_card", "run_sampling", "select_metrics", "upload_file_names",
 ]
 
 # The oldest and newest transformers releases the remote-code files are tested against (.ci/compat.sh
@@ -67,28 +58,14 @@ MIN_TORCH = "2.4"
 
 CODEBOOK_DIR = "codebook"
 README_NAME = "README.md"
-_MODEL_FILES = (
-    "config.json",
-    "configuration_codegpt.py",
-    "generation_config.json",
-    "model.safetensors",
-    "modeling_codegpt.py",
-)
+_MODEL_FILES = ("config.json", "configuration_codegpt.py", "generation_config.json", "model.safetensors",
+                "modeling_codegpt.py")
 _CODEBOOK_FILES = ("config.json", "model.safetensors")
 
 # Files a previous push may have left that would shadow or contradict the new ones (stale shards
 # with their index, pickled weights, old model code); other files a user added to the repo are kept.
-_STALE_PATTERNS = [
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "*.bin",
-    "*.pt",
-    "*.pth",
-    "*.ckpt",
-    "configuration_*.py",
-    "modeling_*.py",
-    f"{CODEBOOK_DIR}/*",
-]
+_STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt", "*.pth", "*.ckpt",
+                   "configuration_*.py", "modeling_*.py", f"{CODEBOOK_DIR}/*"]
 
 PIPELINE_TAG = "unconditional-image-generation"
 _BASE_TAGS = ("codegpt", "image-generation", "image-tokens", "vq", "custom_code")
@@ -205,37 +182,35 @@ def run_sampling(training_args: Mapping[str, Any] | None, config: GPTConfig) -> 
     return SamplingSettings(temperature=args.get("sample_temperature", 1.0), guidance_scale=guidance)
 
 
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}  # a field's description, shown by `codegpt push --help` (HfArgumentParser)
+
+
 @dataclass(frozen=True)
 class CardInfo:
-    """What a card says that the model's config cannot.
+    """What a card says that the model's config cannot (each field's help is also a flag of ``codegpt push``)."""
 
-    Args:
-        license: an SPDX-style license id as the Hub spells it (``apache-2.0``, ``mit``, ``other``).
-        model_name: the card's title and the ``model-index`` name; defaults to the repo name.
-        description: a paragraph under the title.
-        dataset_id: the training data's id (a Hub dataset id, or a short name such as
-            ``sklearn-digits``); needed for evaluation results (it is their ``dataset.type``).
-        dataset_name: the training data's human name (defaults to ``dataset_id``).
-        dataset_split: the split the metrics were measured on.
-        class_names: one name per class of a class-conditional model, in class-id order.
-        grid_shape: ``(H, W)`` with ``H * W == seq_len``; a square ``seq_len`` gives it by default.
-        decoder: a sentence saying what turns codes (or the codebook's latents) into pixels. Needed
-            when no codebook is shipped: a card must say how its codes become an image.
-        base_model: the Hub repo of the VQ tokenizer / autoencoder the codes come from, if any.
-        tags: extra Hub tags.
-    """
-
-    license: str = "apache-2.0"
-    model_name: str | None = None
-    description: str | None = None
-    dataset_id: str | None = None
-    dataset_name: str | None = None
-    dataset_split: str = "validation"
-    class_names: Sequence[str] | None = None
-    grid_shape: tuple[int, int] | None = None
-    decoder: str | None = None
-    base_model: str | None = None
-    tags: Sequence[str] = field(default_factory=tuple)
+    license: str = field(default="apache-2.0", metadata=_help("Hub license id, e.g. apache-2.0, mit or other"))
+    model_name: str | None = field(default=None, metadata=_help("card title and model-index name (default: repo name)"))
+    description: str | None = field(default=None, metadata=_help("a paragraph under the card's title"))
+    dataset_id: str | None = field(
+        default=None,
+        metadata=_help("training data id (a Hub dataset id, or a short name such as sklearn-digits); needed for "
+                       "evaluation results (it is their dataset.type)"),
+    )
+    dataset_name: str | None = field(default=None, metadata=_help("training data's human name (default: its id)"))
+    dataset_split: str = field(default="validation", metadata=_help("the split the metrics were measured on"))
+    class_names: Sequence[str] | None = field(default=None, metadata=_help("class names, in class-id order"))
+    grid_shape: tuple[int, int] | None = field(
+        default=None, metadata=_help("code grid HxW, H*W = seq_len (default: a square seq_len)")
+    )
+    decoder: str | None = field(
+        default=None, metadata=_help("what turns codes into pixels: needed when no codebook is shipped")
+    )
+    base_model: str | None = field(
+        default=None, metadata=_help("Hub repo of the VQ tokenizer / autoencoder the codes come from")
+    )
+    tags: Sequence[str] = field(default_factory=list, metadata=_help("extra Hub tags"))
 
 
 @dataclass(frozen=True)
@@ -592,21 +567,10 @@ def upload_file_names(with_codebook: bool) -> list[str]:
     return sorted(names)
 
 
-def dataset_card_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """What a code dataset folder tells a card: grid, class names, description, sizes."""
-    meta = _read_metadata(Path(data_dir))
-    return {
-        "grid_shape": tuple(meta["grid"]),
-        "class_names": meta.get("class_names"),
-        "description": meta.get("description") or None,
-        "codebook_size": meta["codebook_size"],
-        "num_classes": meta["num_classes"],
-    }
-
-
 def _with_dataset(info: CardInfo, data_dir: str | os.PathLike[str], config: GPTConfig) -> CardInfo:
-    """``info`` with the blanks filled from a code dataset, after checking it fits the model."""
-    meta = dataset_card_info(data_dir)
+    """``info`` with the blanks (grid, class names, dataset name) filled from a code dataset folder,
+    after checking it fits the model."""
+    meta = _read_metadata(Path(data_dir))
     if meta["codebook_size"] != config.codebook_size:
         raise ValueError(
             f"data_dir: the dataset's codebook_size is {meta['codebook_size']} but the model's is "
@@ -616,9 +580,9 @@ def _with_dataset(info: CardInfo, data_dir: str | os.PathLike[str], config: GPTC
         raise ValueError(f"data_dir: the dataset has {meta['num_classes']} classes but the model {config.num_classes}")
     return replace(
         info,
-        dataset_name=info.dataset_name or meta["description"],
-        grid_shape=info.grid_shape or meta["grid_shape"],
-        class_names=info.class_names if info.class_names is not None else meta["class_names"],
+        dataset_name=info.dataset_name or meta.get("description") or None,
+        grid_shape=info.grid_shape or tuple(meta["grid"]),
+        class_names=info.class_names if info.class_names is not None else meta.get("class_names"),
     )
 
 
