@@ -45,7 +45,7 @@ from .digits import codes_to_images, digits_code_dataset, load_digits_images, pa
 from .evaluation import digit_judge_accuracy, evaluate_prior, fit_digit_judge
 from .hub import CardInfo, prepare_upload_folder, push_to_hub, upload_file_names
 from .runs import load_model, render_codes, sample_classes, save_image_grid
-from .training import TrainingArguments, check_compatible, train
+from .training import TrainingArguments, check_compatible, config_for, train
 
 __all__ = ["main", "build_parser", "CLIError", "TrainInputs"]
 
@@ -303,16 +303,13 @@ def _model_config(inputs: TrainInputs, dataset: CodeDataset) -> GPTConfig:
             raise CLIError(f"--config {path}: {err}") from None
     else:
         with _user_errors("model flags: "):
-            config = GPTConfig(
-                vocab_size=dataset.vocab_size,
-                seq_len=dataset.seq_len,
+            config = config_for(
+                dataset,
+                dropout=inputs.dropout,
+                class_conditional=False if inputs.unconditional else None,
                 embed_dim=inputs.embed_dim,
                 num_layers=inputs.num_layers,
                 num_heads=inputs.num_heads,
-                embd_dropout=inputs.dropout,
-                resid_dropout=inputs.dropout,
-                class_conditional=num_classes > 0,
-                num_classes=num_classes,
                 class_dropout_prob=inputs.class_dropout,
             )
     with _user_errors():

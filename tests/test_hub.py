@@ -48,16 +48,6 @@ MODEL_FILES = [
 CODEBOOK_FILES = ["codebook/config.json", "codebook/model.safetensors"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: on a shared 2-core machine, intra-op threads spin-wait and make each op ~100x
-    # slower than on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**overrides) -> GPTConfig:
     kw = dict(vocab_size=17, seq_len=16, embed_dim=32, num_layers=2, num_heads=4, class_conditional=True)
     kw["num_classes"] = 3 if overrides.get("class_conditional", True) else 0
