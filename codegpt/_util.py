@@ -19,18 +19,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "atomic_write",
-    "write_text",
-    "write_json",
-    "save_safetensors",
-    "replace_dir",
-    "read_json",
-    "as_tensor",
-    "check_int",
-    "check_float",
-    "check_choice",
-    "check_path",
-    "resolve_device",
+    "atomic_write", "write_text", "write_json", "save_safetensors", "replace_dir", "read_json", "as_tensor",
+    "check_int", "check_float", "check_choice", "check_path", "resolve_device",
 ]
 
 

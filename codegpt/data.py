@@ -47,14 +47,8 @@ from ._util import as_tensor, check_int, save_safetensors, write_json
 from .codebook import Codebook
 
 __all__ = [
-    "CodeDataset",
-    "CodeDatasetWriter",
-    "FittedCodes",
-    "fit_code_dataset",
-    "load_code_dataset",
-    "split_indices",
-    "storage_dtype",
-    "write_code_dataset",
+    "CodeDataset", "CodeDatasetWriter", "FittedCodes", "fit_code_dataset", "load_code_dataset",
+    "split_indices", "storage_dtype", "write_code_dataset",
 ]
 
 FORMAT = "codegpt.code_dataset"
@@ -495,22 +489,14 @@ def fit_code_dataset(
     Metrics: ``mse`` (over all items), ``mse_fit``, ``mse_held_out`` (with a split), ``perplexity``
     and ``dead_codes`` (code usage over all items), ``fit_seconds``, ``num_images``, ``grid``.
     """
-    if not isinstance(vectors, torch.Tensor) or vectors.ndim != 4 or not vectors.is_floating_point():
-        raise ValueError(
-            "vectors must be a float tensor of shape (N, H, W, D), got "
-            f"{(tuple(vectors.shape), vectors.dtype) if isinstance(vectors, torch.Tensor) else type(vectors).__name__}"
-        )
-    if labels is not None and (tuple(labels.shape) != tuple(vectors.shape[:1]) or labels.is_floating_point()):
-        raise ValueError(f"labels must be ints of shape ({vectors.shape[0]},), got {tuple(labels.shape)}")
+    vectors = as_tensor("vectors", vectors)
+    if vectors.ndim != 4:
+        raise ValueError(f"vectors must have shape (N, H, W, D), got {tuple(vectors.shape)}")
     if num_classes is None:
         num_classes = 0 if labels is None else int(labels.max()) + 1
-    out_dir = Path(out_dir)
-    n = vectors.shape[0]
-    if val_fraction == 0:
-        train_idx, val_idx = list(range(n)), []
-    else:
-        train_idx, val_idx = split_indices(n, val_fraction, seed)
-    fit_on = vectors if not val_idx else vectors[torch.tensor(train_idx)]
+    out_dir, n = Path(out_dir), vectors.shape[0]
+    train_idx, val_idx = split_indices(n, val_fraction, seed) if val_fraction else (list(range(n)), [])
+    fit_on = vectors[torch.tensor(train_idx)] if val_idx else vectors
     start = time.perf_counter()
     codebook = Codebook.fit(
         fit_on, num_codes, metric=metric, seed=seed, progress=progress, description=codebook_description
@@ -524,14 +510,8 @@ def fit_code_dataset(
     codebook.save_pretrained(out_dir / "codebook")
 
     stats = codebook.stats(vectors)
-    metrics: dict[str, Any] = {
-        "mse": stats.mse,
-        "fit_seconds": fit_seconds,
-        "perplexity": stats.perplexity,
-        "dead_codes": stats.dead_codes,
-        "num_images": n,
-        "grid": tuple(codes.shape[1:]),
-    }
+    metrics: dict[str, Any] = {"mse": stats.mse, "fit_seconds": fit_seconds, "perplexity": stats.perplexity,
+                               "dead_codes": stats.dead_codes, "num_images": n, "grid": tuple(codes.shape[1:])}
     dataset = CodeDataset(path)
     if val_idx:
         metrics["mse_fit"] = codebook.stats(fit_on).mse

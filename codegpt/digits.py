@@ -27,13 +27,8 @@ from .codebook import Codebook
 from .data import FittedCodes, fit_code_dataset
 
 __all__ = [
-    "DIGITS_CLASS_NAMES",
-    "codes_to_images",
-    "digits_code_dataset",
-    "load_digits_images",
-    "patch_decoder",
-    "patchify",
-    "unpatchify",
+    "DIGITS_CLASS_NAMES", "codes_to_images", "digits_code_dataset", "load_digits_images", "patch_decoder",
+    "patchify", "unpatchify",
 ]
 
 DIGITS_CLASS_NAMES = [str(digit) for digit in range(10)]

@@ -32,14 +32,8 @@ from .modeling_codegpt import GPT
 from .runs import sample_classes
 
 __all__ = [
-    "evaluate",
-    "evaluate_prior",
-    "code_arrays",
-    "independent_baseline_bits",
-    "novelty",
-    "fit_digit_judge",
-    "digit_judge_accuracy",
-    "class_consistency",
+    "evaluate", "evaluate_prior", "code_arrays", "independent_baseline_bits", "novelty", "fit_digit_judge",
+    "digit_judge_accuracy", "class_consistency",
 ]
 
 

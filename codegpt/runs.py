@@ -1,7 +1,8 @@
-"""A training run's folder: its layout, its checkpoints, its metrics, and loading its model.
+"""A training run's folder: its layout, its checkpoints, its metrics, loading its model, its samples.
 
 The one place that knows where things are in a run; training writes it, and the CLI, evaluation
-and the Hub push read it through these functions::
+and the Hub push read it through these functions. The per-class sampler and the image grid that
+make ``samples.png`` live here too, for training and ``codegpt sample`` alike::
 
     run/
       training_args.json          the arguments, for the record
@@ -34,25 +35,9 @@ from .modeling_codegpt import GPT
 from .sampling import generate
 
 __all__ = [
-    "MODEL_DIR",
-    "CHECKPOINTS_DIR",
-    "TRAINING_ARGS",
-    "LOG",
-    "STATE",
-    "SAMPLES",
-    "checkpoint_name",
-    "complete_checkpoints",
-    "newest_checkpoint",
-    "remove_partial_checkpoints",
-    "RunFiles",
-    "resolve_run",
-    "load_model",
-    "read_metrics",
-    "write_log",
-    "append_log",
-    "Decoder",
-    "sample_classes",
-    "render_codes",
+    "MODEL_DIR", "CHECKPOINTS_DIR", "TRAINING_ARGS", "LOG", "STATE", "SAMPLES", "checkpoint_name",
+    "complete_checkpoints", "newest_checkpoint", "remove_partial_checkpoints", "RunFiles", "resolve_run",
+    "load_model", "read_metrics", "write_log", "append_log", "Decoder", "sample_classes", "render_codes",
     "save_image_grid",
 ]
 

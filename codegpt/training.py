@@ -43,15 +43,8 @@ from .modeling_codegpt import GPT
 from .runs import Decoder
 
 __all__ = [
-    "TrainingArguments",
-    "TrainResult",
-    "train",
-    "make_accelerator",
-    "parameter_groups",
-    "lr_lambda",
-    "check_compatible",
-    "config_for",
-    "EpochBatchSampler",
+    "TrainingArguments", "TrainResult", "train", "make_accelerator", "parameter_groups", "lr_lambda",
+    "check_compatible", "config_for", "EpochBatchSampler",
 ]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
