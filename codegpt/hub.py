@@ -22,13 +22,14 @@ leave it to huggingface_hub (``HF_TOKEN``, or the login stored by ``hf auth logi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -588,15 +589,13 @@ def _with_dataset(info: CardInfo, data_dir: str | os.PathLike[str], config: GPTC
 
 @dataclass
 class _Prepared:
-    """A loaded model and codebook, and the card inputs, checked once and reused for the push."""
+    """A loaded model and codebook, and the card (a function of the revision it pins), checked once
+    before anything is written and reused for the push."""
 
     model: GPT
-    codebook: Any | None
+    codebook: Codebook | None
     sampling: SamplingSettings
-    card_kwargs: dict[str, Any]
-
-    def card(self, revision: str | None) -> Any:
-        return render_model_card(self.model.config, revision=revision, sampling=self.sampling, **self.card_kwargs)
+    card: Callable[..., ModelCard]
 
 
 def _prepare(
@@ -627,23 +626,13 @@ def _prepare(
         if not isinstance(codebook_dir, (str, os.PathLike)) or not Path(codebook_dir).is_dir():
             raise FileNotFoundError(f"codebook_dir: no such directory {str(codebook_dir)!r}")
         codebook = Codebook.from_pretrained(codebook_dir)
-    prepared = _Prepared(
-        model=model,
-        codebook=codebook,
-        sampling=sampling,
-        card_kwargs={
-            "repo_id": repo_id,
-            "info": info,
-            "metrics": metrics,
-            "training_args": training_args,
-            "codebook": codebook,
-            "num_parameters": model.num_parameters(),
-            "eval_sampling": eval_sampling,
-            "template_path": template_path,
-        },
+    card = functools.partial(
+        render_model_card, model.config, repo_id=repo_id, info=info, sampling=sampling, metrics=metrics,
+        training_args=training_args, codebook=codebook, num_parameters=model.num_parameters(),
+        eval_sampling=eval_sampling, template_path=template_path,
     )
-    prepared.card(revision=None)  # every card input is checked before anything is written
-    return prepared
+    card(revision=None)  # every card input is checked before anything is written
+    return _Prepared(model, codebook, sampling, card)
 
 
 def _write_folder(prepared: _Prepared, out_dir: Path, revision: str | None, overwrite: bool) -> Path:
@@ -696,10 +685,9 @@ def prepare_upload_folder(
 ) -> Path:
     """Write exactly the folder ``push_to_hub`` uploads (``upload_file_names``) to ``out_dir``.
 
-    The model is loaded from ``model_dir`` and saved anew, so nothing else in that folder (optimizer
-    or Accelerate state) is carried along, and the code files and ``auto_map`` are those of the
-    installed codegpt. The folder is built in a temporary sibling and renamed into place, so
-    ``out_dir`` is either complete or absent.
+    The model is loaded and saved anew: nothing else in its folder (optimizer or Accelerate state)
+    is carried along, and the code files and ``auto_map`` are the installed codegpt's. The folder is
+    built in a temporary sibling and renamed into place: ``out_dir`` is either complete or absent.
 
     Args:
         model_dir: a training run folder, one of its checkpoints, or any ``save_pretrained`` folder
