@@ -2,11 +2,13 @@
 
 Each command is a thin layer over a library function (``codegpt.demo.run_demo``,
 ``codegpt.data.fit_code_dataset``, ``codegpt.training.train``, ``codegpt.runs.sample_classes``,
-``codegpt.evaluation.evaluate_prior``, ``codegpt.hub.push_to_hub``). The flags of ``demo`` and
-``train`` are generated from the dataclasses they fill (``DemoSettings``, ``TrainingArguments``,
-``TrainInputs``) by transformers' ``HfArgumentParser``, so a flag's name, type and default are those
-of the field (``--save_every`` and ``--save-every`` alike); ``_FLAGS`` adds the short spellings and
-the help. ``train`` runs under ``accelerate launch -m codegpt train ...`` for several processes or
+``codegpt.evaluation.evaluate_prior``, ``codegpt.hub.push_to_hub``). The flags of ``demo``,
+``train`` and ``push`` are generated from the dataclasses they fill (``DemoSettings``;
+``TrainingArguments`` and ``TrainInputs``; ``CardInfo``) by transformers' ``HfArgumentParser``, so a
+flag's name, type and default are those of the field (``--save_every`` and ``--save-every`` alike);
+``_FLAGS`` adds the short spellings of earlier releases, the help, and readers of values that are
+not plain text or numbers. ``sample``, ``eval`` and ``fit-codebook`` fill no dataclass; their flags
+are written out. ``train`` runs under ``accelerate launch -m codegpt train ...`` for several processes or
 GPUs, and as a plain ``codegpt train ...`` on one.
 
 Errors a user can fix (a missing dataset folder, a model config that does not fit the codes, a bad
