@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .digits import codes_to_images, patchify
 from .modeling_codegpt import GPT
 from .runs import sample_classes
 
@@ -185,8 +186,6 @@ def digit_judge_accuracy(judge: Any, codebook: Any, images: torch.Tensor, labels
                          patch: int = 2) -> dict[str, float]:
     """The judge's accuracy on real digits (N, 8, 8) and on the same digits passed through the patch
     codebook (encode, decode): how far its verdicts on decoded samples can be trusted."""
-    from .digits import codes_to_images, patchify
-
     reconstructed = codes_to_images(codebook, codebook.encode(patchify(images, patch)), patch=patch)
     return {
         "judge_accuracy_real": class_consistency(judge, images, labels),
