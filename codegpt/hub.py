@@ -657,7 +657,7 @@ def _write_folder(prepared: _Prepared, out_dir: Path, revision: str | None, over
         if prepared.codebook is not None:
             prepared.codebook.save_pretrained(tmp / CODEBOOK_DIR)
             (tmp / CODEBOOK_DIR / README_NAME).unlink(missing_ok=True)  # the repo has one card: the model's
-        write_text(tmp / README_NAME, str(prepared.card(revision)))
+        write_text(tmp / README_NAME, str(prepared.card(revision=revision)))
 
         written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         expected = upload_file_names(prepared.codebook is not None)
