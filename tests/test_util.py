@@ -35,6 +35,9 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         atomic_write(target, crash)
     assert target.read_text() == "old\n"
     assert os.listdir(target.parent) == ["note.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # a new file's usual mode, not a temp file's 0600
 
 
 def test_writers_round_trip(tmp_path):
