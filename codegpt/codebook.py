@@ -35,6 +35,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ._util import (
+    as_tensor,
+    check_choice,
+    check_float,
+    check_int,
+    replace_dir,
+    save_safetensors,
+    write_json,
+    write_text,
+)
+
 __all__ = ["Codebook", "CodebookStats", "FitInfo"]
 
 METRICS = ("euclidean", "cosine")
@@ -108,12 +119,11 @@ class Codebook(
         description: str = "",
     ) -> None:
         super().__init__()
-        _check_int("num_codes", num_codes, low=1)
-        _check_int("dim", dim, low=1)
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        check_int("num_codes", num_codes, low=1)
+        check_int("dim", dim, low=1)
+        check_choice("metric", metric, METRICS)
         if seed is not None:
-            _check_int("seed", seed, low=0)
+            check_int("seed", seed, low=0)
         if not isinstance(description, str):
             raise TypeError(f"description must be a str, got {type(description).__name__}")
         self.num_codes = num_codes
@@ -134,7 +144,7 @@ class Codebook(
         cls, centroids: torch.Tensor, metric: str = "euclidean", description: str = ""
     ) -> Codebook:
         """Wrap existing centroids (K, D), e.g. the embedding table of a trained VQ-VAE."""
-        centroids = _as_float_tensor("centroids", centroids)
+        centroids = as_tensor("centroids", centroids)
         if centroids.ndim != 2:
             raise ValueError(
                 f"centroids must have shape (num_codes, dim), got {tuple(centroids.shape)}"
@@ -191,22 +201,20 @@ class Codebook(
         Returns:
             The fitted codebook, with `fit_info` (a `FitInfo`) attached.
         """
-        _check_int("num_codes", num_codes, low=1)
-        _check_int("batch_size", batch_size, low=1)
-        _check_int("max_epochs", max_epochs, low=1)
-        _check_int("reseed_after", reseed_after, low=1)
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        check_int("num_codes", num_codes, low=1)
+        check_int("batch_size", batch_size, low=1)
+        check_int("max_epochs", max_epochs, low=1)
+        check_int("reseed_after", reseed_after, low=1)
+        check_choice("metric", metric, METRICS)
+        check_float("tol", tol, low=0.0)
         if not isinstance(description, str):
             raise TypeError(f"description must be a str, got {type(description).__name__}")
         if init_size is None:
             init_size = max(20 * num_codes, 10_000)
-        _check_int("init_size", init_size, low=num_codes)
+        check_int("init_size", init_size, low=num_codes)
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        _check_int("seed", seed, low=0)
+        check_int("seed", seed, low=0)
 
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
@@ -220,7 +228,7 @@ class Codebook(
         dim = sample.shape[1]
         sample = _normalise(sample, metric)
         if init is not None:
-            init = _as_float_tensor("init", init)
+            init = as_tensor("init", init)
             if init.shape != (num_codes, dim):
                 raise ValueError(
                     f"init must have shape (num_codes, dim) = {(num_codes, dim)}, "
@@ -285,7 +293,7 @@ class Codebook(
     @torch.no_grad()
     def encode(self, vectors: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Nearest-centroid codes: (..., D) -> (...) int64, on the input's device."""
-        vectors = _as_float_tensor("vectors", vectors)
+        vectors = as_tensor("vectors", vectors)
         self._check_vectors(vectors)
         out_device = vectors.device
         flat = _normalise(vectors.reshape(-1, self.dim).to(self.centroids), self.metric)
@@ -299,14 +307,7 @@ class Codebook(
     @torch.no_grad()
     def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Centroids of `codes`: (...) integers in [0, num_codes) -> (..., D)."""
-        if isinstance(codes, np.ndarray):
-            codes = torch.from_numpy(codes)
-        if not isinstance(codes, torch.Tensor):
-            raise TypeError(
-                f"codes must be a torch.Tensor or numpy array, got {type(codes).__name__}"
-            )
-        if codes.dtype == torch.bool or codes.is_floating_point() or codes.is_complex():
-            raise TypeError(f"codes must hold integers, got dtype {codes.dtype}")
+        codes = as_tensor("codes", codes, integer=True)
         _check_codes("codes", codes, self.num_codes)
         return self.centroids[codes.to(self.centroids.device, torch.long)].to(codes.device)
 
@@ -316,7 +317,7 @@ class Codebook(
 
         With the cosine metric the error is measured against the L2-normalised vectors.
         """
-        vectors = _as_float_tensor("vectors", vectors)
+        vectors = as_tensor("vectors", vectors)
         self._check_vectors(vectors)
         flat = vectors.reshape(-1, self.dim)
         if flat.shape[0] == 0:
@@ -381,21 +382,23 @@ class Codebook(
     ) -> str | None:
         """Save `model.safetensors`, `config.json` and (if absent) a README model card.
 
-        The files are written in a temporary folder inside `save_directory` and moved into place
-        with `os.replace`, config last, so a kill mid-save leaves the old files or the new ones,
-        never a half-written file. `config` entries are added to the metadata (they cannot
-        override it). `push_to_hub=True` then uploads the folder (see `push_to_hub`).
+        Each file is written atomically (a temporary file renamed into place), config last, so a
+        kill mid-save leaves the old files or the new ones, never a half-written file. `config`
+        entries are added to the metadata (they cannot override it). `push_to_hub=True` then uploads
+        the folder (see `push_to_hub`).
         """
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         full_config = {**(config or {}), **self.config_dict()}
+        # The weights go to a scratch folder first: `_save_pretrained` is the mixin's hook and
+        # may be any writer; only a finished file is moved over the old one.
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-codebook-") as tmp:
-            super().save_pretrained(tmp, config=full_config, model_card_kwargs=model_card_kwargs)
-            readme = save_directory / "README.md"
-            if not readme.exists():
-                os.replace(Path(tmp) / "README.md", readme)
-            os.replace(Path(tmp) / WEIGHTS_NAME, save_directory / WEIGHTS_NAME)
-            os.replace(Path(tmp) / CONFIG_NAME, save_directory / CONFIG_NAME)
+            self._save_pretrained(Path(tmp))
+            replace_dir(Path(tmp) / WEIGHTS_NAME, save_directory / WEIGHTS_NAME)
+        readme = save_directory / "README.md"
+        if not readme.exists():  # a card written by hand is kept
+            write_text(readme, str(self.generate_model_card(**(model_card_kwargs or {}))))
+        write_json(save_directory / CONFIG_NAME, full_config)
         if push_to_hub:
             return self.push_to_hub(
                 repo_id or save_directory.name,
@@ -406,10 +409,8 @@ class Codebook(
         return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({"centroids": self.centroids.detach().contiguous().cpu()},
-                  str(save_directory / WEIGHTS_NAME), metadata={"format": FORMAT})
+        centroids = {"centroids": self.centroids.detach().contiguous().cpu()}
+        save_safetensors(Path(save_directory) / WEIGHTS_NAME, centroids, metadata={"format": FORMAT})
 
     @classmethod
     def _from_pretrained(
@@ -481,7 +482,7 @@ class _BatchSource:
         self._batch_index = 0
         self.dim: int | None = None
         if isinstance(data, (torch.Tensor, np.ndarray)):
-            tensor = _as_float_tensor("data", data)
+            tensor = as_tensor("data", data)
             if tensor.ndim < 1 or tensor.shape[-1] < 1 or tensor.numel() == 0:
                 raise ValueError(f"data must have shape (..., D) with D >= 1 and hold at least one "
                                  f"vector, got {tuple(tensor.shape)}")
@@ -509,7 +510,7 @@ class _BatchSource:
         self._batch_index += 1
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
             batch = batch[0]  # (vectors, labels) pairs from a DataLoader
-        x = _as_float_tensor(f"data batch {index}", batch)
+        x = as_tensor(f"data batch {index}", batch)
         if x.ndim < 1:
             raise ValueError(f"data batch {index} must have shape (..., D), got a scalar")
         x = x.reshape(-1, x.shape[-1])
@@ -635,26 +636,6 @@ def _normalise(x: torch.Tensor, metric: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- validation helpers
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-def _as_float_tensor(name: str, value: Any) -> torch.Tensor:
-    """A floating tensor view of `value`; integers are converted, anything else is a TypeError."""
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
-    if value.dtype == torch.bool or value.is_complex():
-        raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
-    if value.dtype not in (torch.float32, torch.float64):
-        value = value.float()  # fp16/bf16 distances lose too much precision for argmin
-    return value
 
 
 def _check_finite(name: str, value: torch.Tensor) -> None:

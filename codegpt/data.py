@@ -32,6 +32,8 @@ import operator
 import os
 import re
 import struct
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,15 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch.utils.data import Dataset, Subset
 
+from ._util import as_tensor, check_int, save_safetensors, write_json
+from .codebook import Codebook
+
 __all__ = [
-    "CodeDataset",
-    "CodeDatasetWriter",
-    "load_code_dataset",
-    "storage_dtype",
-    "write_code_dataset",
+    "CodeDataset", "CodeDatasetWriter", "FittedCodes", "fit_code_dataset", "load_code_dataset",
+    "split_indices", "storage_dtype", "write_code_dataset",
 ]
 
 FORMAT = "codegpt.code_dataset"
@@ -117,9 +118,9 @@ class CodeDatasetWriter:
         description: str = "",
         overwrite: bool = False,
     ) -> None:
-        _check_int("codebook_size", codebook_size, low=1)
-        _check_int("num_classes", num_classes, low=0)
-        _check_int("shard_size", shard_size, low=1)
+        check_int("codebook_size", codebook_size, low=1)
+        check_int("num_classes", num_classes, low=0)
+        check_int("shard_size", shard_size, low=1)
         self.class_names = _check_class_names(class_names, num_classes)
         if grid is not None:
             grid = _check_grid(grid)
@@ -165,7 +166,7 @@ class CodeDatasetWriter:
         """Append items: codes (n, H, W) in [0, codebook_size), labels (n,) in [0, num_classes)."""
         if self._closed:
             raise RuntimeError("this CodeDatasetWriter is closed")
-        codes = _as_int_tensor("codes", codes)
+        codes = as_tensor("codes", codes, integer=True).cpu()
         if codes.ndim != 3:
             raise ValueError(f"codes must have shape (n, H, W), got {tuple(codes.shape)}")
         if self.grid is None:
@@ -185,7 +186,7 @@ class CodeDatasetWriter:
             if labels is None:
                 raise ValueError(f"labels are required: the dataset has num_classes="
                                  f"{self.num_classes}")
-            labels = _as_int_tensor("labels", labels)
+            labels = as_tensor("labels", labels, integer=True).cpu()
             if tuple(labels.shape) != (n,):
                 raise ValueError(f"labels must have shape ({n},) to match codes, "
                                  f"got {tuple(labels.shape)}")
@@ -208,7 +209,7 @@ class CodeDatasetWriter:
         if labels is not None:
             tensors["labels"] = labels[:count].contiguous()
         name = SHARD_NAME.format(len(self.shards))
-        _atomic_save(tensors, self.path / name)
+        save_safetensors(self.path / name, tensors, metadata={"format": FORMAT})
         self.shards.append({"file": name, "num_items": count})
         rest = codes[count:], None if labels is None else labels[count:]
         self._buffer = [rest] if rest[0].shape[0] else []
@@ -243,7 +244,7 @@ class CodeDatasetWriter:
                              else str(self.labels_dtype).removeprefix("torch.")),
             "shards": self.shards,
         }
-        _atomic_write_text(self.path / METADATA_NAME, json.dumps(metadata, indent=2) + "\n")
+        write_json(self.path / METADATA_NAME, metadata)
         self._closed = True
         return self.path
 
@@ -271,11 +272,11 @@ def write_code_dataset(
 
     See `CodeDatasetWriter` for the arguments and the guarantees.
     """
-    codes = _as_int_tensor("codes", codes)
+    codes = as_tensor("codes", codes, integer=True).cpu()
     if codes.ndim != 3:
         raise ValueError(f"codes must have shape (N, H, W), got {tuple(codes.shape)}")
     if labels is not None:
-        labels = _as_int_tensor("labels", labels)
+        labels = as_tensor("labels", labels, integer=True).cpu()
         if tuple(labels.shape) != codes.shape[:1]:
             raise ValueError(f"labels must have shape ({codes.shape[0]},) to match codes, "
                              f"got {tuple(labels.shape)}")
@@ -404,19 +405,7 @@ class CodeDataset(Dataset):
         The validation set holds round(val_fraction * len) items, at least 1, and so does the
         training set. Indices within each part are sorted, which keeps reads local.
         """
-        n = self._len
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
-            raise TypeError(f"val_fraction must be a float, got {type(val_fraction).__name__}")
-        num_val = round(val_fraction * n)
-        if not 0 < val_fraction < 1 or not 0 < num_val < n:
-            raise ValueError(
-                f"val_fraction must leave both parts non-empty: in (0, 1) and between "
-                f"{1 / n:.3g} and {(n - 1) / n:.3g} for {n} items, got {val_fraction}"
-            )
-        _check_int("seed", seed, low=0)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        val = order[:num_val].sort().values.tolist()
-        train = order[num_val:].sort().values.tolist()
+        train, val = split_indices(self._len, val_fraction, seed)
         return Subset(self, train), Subset(self, val)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -424,6 +413,111 @@ class CodeDataset(Dataset):
         state = self.__dict__.copy()
         state["_maps"] = [None] * len(self._files)
         return state
+
+
+def split_indices(num_items: int, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """The (train, validation) indices of a reproducible random split of ``num_items`` items.
+
+    A pure function of (num_items, val_fraction, seed), so it is known before any code exists (e.g.
+    to fit a codebook on the training images alone) and equals ``CodeDataset.split``'s. The
+    validation part holds round(val_fraction * num_items) items, at least 1, and so does the
+    training part. Indices within each part are sorted, which keeps reads local.
+    """
+    n = num_items
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+        raise TypeError(f"val_fraction must be a float, got {type(val_fraction).__name__}")
+    num_val = round(val_fraction * n)
+    if not 0 < val_fraction < 1 or not 0 < num_val < n:
+        raise ValueError(
+            f"val_fraction must leave both parts non-empty: in (0, 1) and between "
+            f"{1 / n:.3g} and {(n - 1) / n:.3g} for {n} items, got {val_fraction}"
+        )
+    check_int("seed", seed, low=0)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[num_val:].sort().values.tolist(), order[:num_val].sort().values.tolist()
+
+
+# ---------------------------------------------------------------------- vectors -> codes
+
+
+@dataclass
+class FittedCodes:
+    """What ``fit_code_dataset`` wrote: the codebook, the code dataset and its split, the figures."""
+
+    codebook: Codebook
+    dataset: CodeDataset
+    train: Subset  # the items the codebook was fitted on (all of them without a split)
+    val: Subset | None  # held out of the fit; None when val_fraction is 0
+    metrics: dict[str, Any]
+
+    @property
+    def train_indices(self) -> list[int]:
+        return list(self.train.indices)
+
+    @property
+    def val_indices(self) -> list[int]:
+        return [] if self.val is None else list(self.val.indices)
+
+
+def fit_code_dataset(
+    out_dir: str | os.PathLike[str],
+    vectors: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    num_codes: int,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    metric: str = "euclidean",
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    description: str = "",
+    codebook_description: str = "",
+    progress: bool = False,
+) -> FittedCodes:
+    """Fit a k-means codebook, encode every item, write ``out_dir/codebook`` and ``out_dir/data``.
+
+    The one path from latents to a code dataset (``codegpt fit-codebook``, the digits, the demo).
+
+    Args:
+        vectors: latents (N, H, W, D), one D-dimensional vector per code position.
+        labels: class ids (N,), or None for an unconditional dataset.
+        val_fraction: the part held out of the fit (``split_indices(N, val_fraction, seed)``, the
+            split ``CodeDataset.split`` gives later); 0 fits on every item.
+        seed: seeds k-means and the split.
+        num_classes: default ``labels.max() + 1`` (0 without labels).
+
+    Metrics: ``mse`` (over all items), ``mse_fit``, ``mse_held_out`` (with a split), ``perplexity``
+    and ``dead_codes`` (code usage over all items), ``fit_seconds``, ``num_images``, ``grid``.
+    """
+    vectors = as_tensor("vectors", vectors)
+    if vectors.ndim != 4:
+        raise ValueError(f"vectors must have shape (N, H, W, D), got {tuple(vectors.shape)}")
+    if num_classes is None:
+        num_classes = 0 if labels is None else int(labels.max()) + 1
+    out_dir, n = Path(out_dir), vectors.shape[0]
+    train_idx, val_idx = split_indices(n, val_fraction, seed) if val_fraction else (list(range(n)), [])
+    fit_on = vectors[torch.tensor(train_idx)] if val_idx else vectors
+    start = time.perf_counter()
+    codebook = Codebook.fit(
+        fit_on, num_codes, metric=metric, seed=seed, progress=progress, description=codebook_description
+    )
+    fit_seconds = time.perf_counter() - start
+    codes = codebook.encode(vectors)  # (N, H, W)
+    path = write_code_dataset(
+        out_dir / "data", codes, labels, codebook_size=num_codes, num_classes=num_classes,
+        class_names=class_names, overwrite=True, description=description,
+    )
+    codebook.save_pretrained(out_dir / "codebook")
+
+    stats = codebook.stats(vectors)
+    metrics: dict[str, Any] = {"mse": stats.mse, "fit_seconds": fit_seconds, "perplexity": stats.perplexity,
+                               "dead_codes": stats.dead_codes, "num_images": n, "grid": tuple(codes.shape[1:])}
+    dataset = CodeDataset(path)
+    if val_idx:
+        metrics["mse_fit"] = codebook.stats(fit_on).mse
+        metrics["mse_held_out"] = codebook.stats(vectors[torch.tensor(val_idx)]).mse
+    val = Subset(dataset, val_idx) if val_idx else None
+    return FittedCodes(codebook, dataset, Subset(dataset, train_idx), val, metrics)
 
 
 def load_code_dataset(path: str | os.PathLike[str]) -> CodeDataset:
@@ -451,8 +545,8 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise ValueError(f"{file}: format_version {version!r} is not supported "
                          f"(this codegpt reads version {FORMAT_VERSION})")
     try:
-        _check_int("codebook_size", meta.get("codebook_size"), low=1)
-        _check_int("num_classes", meta.get("num_classes"), low=0)
+        check_int("codebook_size", meta.get("codebook_size"), low=1)
+        check_int("num_classes", meta.get("num_classes"), low=0)
         meta["grid"] = _check_grid(meta.get("grid"))
         _check_class_names(meta.get("class_names"), meta["num_classes"])
         shards = meta.get("shards")
@@ -463,7 +557,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
             # Plain file names only: metadata must not point outside the dataset folder.
             if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
                 raise ValueError(f"each shard needs a plain file name, got {shard!r}")
-            _check_int(f"num_items of {name}", shard.get("num_items"), low=1)
+            check_int(f"num_items of {name}", shard.get("num_items"), low=1)
         total = sum(shard["num_items"] for shard in shards)
         if meta.get("num_items", total) != total:
             raise ValueError(f"num_items is {meta.get('num_items')} but the shards hold {total}")
@@ -553,28 +647,11 @@ def _check_range(values: Any, size: int, what: str, where: str, first_item: int,
     raise ValueError(f"{place}: {what} {value}{position} outside [0, {size})")
 
 
-def _as_int_tensor(name: str, value: Any) -> torch.Tensor:
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}")
-    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-        raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
-    return value.cpu()
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
 def _check_grid(grid: Any) -> tuple[int, int]:
     if not isinstance(grid, (list, tuple)) or len(grid) != 2:
         raise ValueError(f"grid must be (H, W), got {grid!r}")
     for value in grid:
-        _check_int("grid", value, low=1)
+        check_int("grid", value, low=1)
     return int(grid[0]), int(grid[1])
 
 
@@ -587,21 +664,3 @@ def _check_class_names(names: Any, num_classes: int) -> list[str] | None:
         raise ValueError(f"class_names must have num_classes={num_classes} entries, "
                          f"got {len(names)}")
     return list(names)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_text(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .configuration_codegpt import GPTConfig
-from .evaluation import digit_judge_accuracy, evaluate_prior, fit_digit_judge, split_indices
-from .training import TrainingArguments, save_image_grid, train, write_json_atomic
+from ._util import check_int, write_json
+from .digits import codes_to_images, digits_code_dataset, load_digits_images, patch_decoder
+from .evaluation import digit_judge_accuracy, evaluate_prior, fit_digit_judge
+from .runs import load_model, save_image_grid
+from .training import TrainingArguments, config_for, train
 
-__all__ = ["DemoSettings", "TARGETS", "prepare_digits", "digits_decoder", "run_demo", "format_report"]
+__all__ = ["DemoSettings", "TARGETS", "run_demo", "format_report"]
 
 # What the demo must reach on the held-out split (see the README's benchmark table).
 TARGETS = {
@@ -72,85 +74,23 @@ class DemoSettings:
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
-        for name in ("samples_per_class", "grid_columns", "steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.grid_columns > self.samples_per_class:
-            raise ValueError(
-                f"grid_columns ({self.grid_columns}) must be at most samples_per_class ({self.samples_per_class})"
-            )
-
-
-def prepare_digits(
-    out_dir: str | Path, num_codes: int = 128, patch: int = 2, seed: int = 0, val_fraction: float = 0.2
-) -> dict[str, Any]:
-    """Fit the patch codebook on the training split's digits, write all digits as a code dataset.
-
-    Writes ``out_dir/codebook`` and ``out_dir/data``; returns the codebook, the dataset, its
-    (train, val) split, and the codebook's metrics (``mse_held_out`` on the validation images).
-    """
-    from .data import CodeDataset
-    from .digits import digits_code_dataset, load_digits_images
-
-    out_dir = Path(out_dir)
-    _, labels = load_digits_images()
-    train_idx, val_idx = split_indices(len(labels), val_fraction, seed)
-    codebook, path, metrics = digits_code_dataset(
-        out_dir / "data", num_codes=num_codes, patch=patch, seed=seed, fit_on=train_idx, overwrite=True
-    )
-    codebook.save_pretrained(out_dir / "codebook")
-    dataset = CodeDataset(path)
-    train_part, val_part = dataset.split(val_fraction, seed=seed)
-    if list(train_part.indices) != train_idx:
-        raise RuntimeError("CodeDataset.split no longer depends on (size, seed) alone; split_indices must follow it")
-    return {
-        "codebook": codebook,
-        "dataset": dataset,
-        "train": train_part,
-        "val": val_part,
-        "train_indices": train_idx,
-        "val_indices": val_idx,
-        "codebook_metrics": metrics,
-    }
-
-
-def digits_decoder(codebook, patch: int = 2, scale: float = 16.0):
-    """codes (B, H, W) -> images (B, H*p, W*p) in [0, 1] (the digits' 0-16 divided by ``scale``)."""
-    from .digits import codes_to_images
-
-    def decode(codes: torch.Tensor) -> torch.Tensor:
-        return (codes_to_images(codebook, codes.cpu(), patch=patch) / scale).clamp(0, 1)
-
-    return decode
+        for name in ("samples_per_class", "steps", "batch_size"):
+            check_int(name, getattr(self, name), low=1)
+        check_int("grid_columns", self.grid_columns, 1, self.samples_per_class)  # at most samples_per_class
 
 
 def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the whole demo (see the module docstring); returns the metrics written to metrics.json."""
-    from .digits import DIGITS_MAX_VALUE, codes_to_images, load_digits_images
-    from .modeling_codegpt import GPT
-
     s = settings or DemoSettings()
     start = time.perf_counter()
     out = Path(s.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    digits = prepare_digits(out, s.num_codes, s.patch, s.seed, s.val_fraction)
-    codebook, dataset = digits["codebook"], digits["dataset"]
+    digits = digits_code_dataset(out, s.num_codes, s.patch, s.seed, s.val_fraction)
+    codebook, dataset = digits.codebook, digits.dataset
     t_codes = time.perf_counter()
 
-    config = GPTConfig(
-        vocab_size=dataset.vocab_size,
-        seq_len=dataset.seq_len,
-        embed_dim=s.embed_dim,
-        num_layers=s.num_layers,
-        num_heads=s.num_heads,
-        embd_dropout=s.dropout,
-        resid_dropout=s.dropout,
-        class_conditional=True,
-        num_classes=dataset.num_classes,
-        class_dropout_prob=s.class_dropout,
-        tie_word_embeddings=s.tie_embeddings,
+    config = config_for(
+        dataset, dropout=s.dropout, embed_dim=s.embed_dim, num_layers=s.num_layers, num_heads=s.num_heads,
+        class_dropout_prob=s.class_dropout, tie_word_embeddings=s.tie_embeddings,
     )
     args = TrainingArguments(
         output_dir=out / "run",
@@ -167,18 +107,18 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
         progress=s.progress,
         log_every=25,
     )
-    decode = digits_decoder(codebook, s.patch, DIGITS_MAX_VALUE)
-    result = train(args, config, digits["train"], digits["val"], decode=decode, grid_shape=dataset.grid)
+    decode = patch_decoder(codebook, s.patch)
+    result = train(args, config, digits.train, digits.val, decode=decode, grid_shape=dataset.grid)
     t_train = time.perf_counter()
 
-    model = GPT.from_pretrained(result.model_dir).eval()
+    model = load_model(result.model_dir, device="cpu")
     images, labels = load_digits_images()
-    train_idx, val_idx = digits["train_indices"], digits["val_indices"]
+    train_idx, val_idx = digits.train_indices, digits.val_indices
     judge = fit_digit_judge(images[train_idx], labels[train_idx], seed=s.seed)
     metrics, samples = evaluate_prior(
         model,
-        digits["train"],
-        digits["val"],
+        digits.train,
+        digits.val,
         samples_per_class=s.samples_per_class,
         guidance_scale=s.guidance_scale,
         seed=s.seed,
@@ -187,13 +127,13 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
         held_out=result.final_eval,  # measured by train() at the last step
     )
     metrics.update(digit_judge_accuracy(judge, codebook, images[val_idx], labels[val_idx], patch=s.patch))
-    cb = digits["codebook_metrics"]
+    cb = digits.metrics
     metrics["codebook_mse"] = cb.get("mse_held_out", cb["mse"])
     metrics["codebook_mse_train"] = cb.get("mse_fit", cb["mse"])
-    guided_codes, _ = samples["guided"]
-    pixels = codes_to_images(codebook, guided_codes.reshape(-1, *dataset.grid), patch=s.patch)
-    png = _write_class_grid(pixels, dataset.num_classes, s.samples_per_class, s.grid_columns,
-                            out / "samples.png", DIGITS_MAX_VALUE)
+    # The first grid_columns guided samples of each class, one row per class.
+    guided = samples["guided"][0].reshape(dataset.num_classes, s.samples_per_class, -1)[:, : s.grid_columns]
+    pixels = decode(guided.reshape(-1, *dataset.grid))
+    png = save_image_grid(pixels, out / "samples.png", rows=dataset.num_classes)
     end = time.perf_counter()
 
     met = {
@@ -228,15 +168,8 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
         },
     }
     report["model"]["config"].pop("transformers_version", None)
-    write_json_atomic(out / "metrics.json", _jsonable(report))
+    write_json(out / "metrics.json", _jsonable(report))
     return report
-
-
-def _write_class_grid(pixels: torch.Tensor, num_classes: int, per_class: int, columns: int, path: Path,
-                      max_value: float) -> Path:
-    """The first ``columns`` samples of each class, one row per class."""
-    rows = pixels.reshape(num_classes, per_class, *pixels.shape[1:])[:, :columns]
-    return save_image_grid((rows.reshape(-1, *pixels.shape[1:]) / max_value).clamp(0, 1), path, rows=num_classes)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -7,31 +7,28 @@ scikit-learn (no download); fitting takes well under a second on a laptop CPU.
 
 Example::
 
-    codebook, path, metrics = digits_code_dataset("digits-codes", seed=0)
-    dataset = CodeDataset(path)
-    images = codes_to_images(codebook, codes, patch=2)   # codes (N, 4, 4) -> (N, 8, 8)
+    fitted = digits_code_dataset("digits", seed=0)          # digits/codebook, digits/data
+    train, val = fitted.train, fitted.val                    # the codebook saw train only
+    images = codes_to_images(fitted.codebook, codes, patch=2)   # codes (N, 4, 4) -> (N, 8, 8)
 """
 
 from __future__ import annotations
 
+import math
 import os
-import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from ._util import check_int
 from .codebook import Codebook
-from .data import write_code_dataset
+from .data import FittedCodes, fit_code_dataset
 
 __all__ = [
-    "DIGITS_CLASS_NAMES",
-    "codes_to_images",
-    "digits_code_dataset",
-    "load_digits_images",
-    "patchify",
-    "unpatchify",
+    "DIGITS_CLASS_NAMES", "codes_to_images", "digits_code_dataset", "load_digits_images", "patch_decoder",
+    "patchify", "unpatchify",
 ]
 
 DIGITS_CLASS_NAMES = [str(digit) for digit in range(10)]
@@ -55,7 +52,7 @@ def load_digits_images() -> tuple[torch.Tensor, torch.Tensor]:
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """Cut images (N, H, W) into non-overlapping patches: (N, H/p, W/p, p*p), row-major."""
     images = _check_images(images)
-    _check_patch(patch)
+    check_int("patch", patch, low=1)
     n, height, width = images.shape
     if height % patch or width % patch:
         raise ValueError(f"image size {(height, width)} must be divisible by patch={patch}")
@@ -68,7 +65,7 @@ def unpatchify(vectors: torch.Tensor, patch: int) -> torch.Tensor:
     """Inverse of `patchify`: (N, h, w, p*p) -> images (N, h*p, w*p)."""
     if not isinstance(vectors, torch.Tensor):
         raise TypeError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
-    _check_patch(patch)
+    check_int("patch", patch, low=1)
     if vectors.ndim != 4 or vectors.shape[-1] != patch * patch:
         raise ValueError(f"vectors must have shape (N, h, w, {patch * patch}) for patch={patch}, "
                          f"got {tuple(vectors.shape)}")
@@ -87,75 +84,55 @@ def digits_code_dataset(
     num_codes: int = 128,
     patch: int = 2,
     seed: int = 0,
-    *,
-    fit_on: torch.Tensor | np.ndarray | list[int] | None = None,
-    overwrite: bool = True,
+    val_fraction: float = 0.2,
     progress: bool = False,
-) -> tuple[Codebook, Path, dict[str, Any]]:
-    """Fit a patch codebook on the digits and write all 1797 images as a code dataset.
+) -> FittedCodes:
+    """Fit a patch codebook on the digits' training split and write all 1797 images as codes.
 
-    Args:
-        out_dir: the dataset folder to write (see `codegpt.data`).
-        num_codes: codebook size K (the prior's vocabulary is K + 1).
-        patch: patch side p; 8 must be divisible by it. Each image becomes (8/p, 8/p) codes.
-        seed: seeds the k-means fit; the same seed gives the same codebook and dataset.
-        fit_on: indices of the images whose patches the codebook is fitted on (e.g. a training
-            split, so the validation images stay unseen); default all 1797.
-        overwrite: replace a dataset already in `out_dir`.
-        progress: show the k-means progress bar.
-
-    Returns:
-        (codebook, dataset path, metrics). The codebook is not saved; call
-        `codebook.save_pretrained(...)` to keep it. Metrics: `mse` (per pixel, on the 0-16 scale,
-        over all images), `mse_fit` and `mse_held_out` when `fit_on` is given, `fit_seconds`,
-        `perplexity` and `dead_codes` (code usage over all images), `num_images`, `grid`.
+    Writes ``out_dir/codebook`` and ``out_dir/data`` (see ``codegpt.data.fit_code_dataset``, which
+    this is a thin layer over). Each image becomes an (8/p, 8/p) grid of codes; the validation
+    images (``val_fraction``, split by ``seed``; 0 for none) stay unseen by the fit, and the split is
+    the one ``CodeDataset.split(val_fraction, seed)`` gives. Metrics are on the 0-16 pixel scale.
     """
-    images, labels = load_digits_images()
-    _check_patch(patch)
+    check_int("patch", patch, low=1)
     if 8 % patch:
         raise ValueError(f"patch must divide the digits' size 8, got {patch}")
-    vectors = patchify(images, patch)  # (N, h, w, p*p)
-    fit_mask = torch.ones(len(images), dtype=torch.bool)
-    if fit_on is not None:
-        index = torch.as_tensor(np.asarray(fit_on))
-        if index.dtype == torch.bool or index.is_floating_point() or index.ndim != 1:
-            raise TypeError(f"fit_on must be a 1-D sequence of image indices, got {index.dtype} "
-                            f"of shape {tuple(index.shape)}")
-        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= len(images):
-            raise ValueError(f"fit_on must be non-empty indices in [0, {len(images)})")
-        fit_mask = torch.zeros(len(images), dtype=torch.bool)
-        fit_mask[index] = True
-
-    start = time.perf_counter()
-    codebook = Codebook.fit(
-        vectors[fit_mask], num_codes, seed=seed, progress=progress,
-        description=f"{patch}x{patch} pixel patches of scikit-learn's 8x8 digits, values 0-16, "
-                    "flattened row-major",
-    )
-    fit_seconds = time.perf_counter() - start
-
-    codes = codebook.encode(vectors)  # (N, h, w)
-    grid = tuple(codes.shape[1:])
-    path = write_code_dataset(
-        out_dir, codes, labels, codebook_size=num_codes, num_classes=10,
-        class_names=DIGITS_CLASS_NAMES, overwrite=overwrite,
-        description=f"scikit-learn digits: {grid[0]}x{grid[1]} codes of {patch}x{patch} pixel "
+    images, labels = load_digits_images()
+    side = 8 // patch
+    return fit_code_dataset(
+        out_dir, patchify(images, patch), labels, num_codes=num_codes, val_fraction=val_fraction, seed=seed,
+        num_classes=10, class_names=DIGITS_CLASS_NAMES, progress=progress,
+        codebook_description=f"{patch}x{patch} pixel patches of scikit-learn's 8x8 digits, values 0-16, "
+                             "flattened row-major",
+        description=f"scikit-learn digits: {side}x{side} codes of {patch}x{patch} pixel "
                     f"patches, k-means codebook of {num_codes} codes (seed {seed})",
     )
-    stats = codebook.stats(vectors)
-    metrics: dict[str, Any] = {
-        "mse": stats.mse,
-        "fit_seconds": fit_seconds,
-        "perplexity": stats.perplexity,
-        "dead_codes": stats.dead_codes,
-        "num_images": len(images),
-        "grid": grid,
-    }
-    if fit_on is not None:
-        metrics["mse_fit"] = codebook.stats(vectors[fit_mask]).mse
-        if not bool(fit_mask.all()):
-            metrics["mse_held_out"] = codebook.stats(vectors[~fit_mask]).mse
-    return codebook, path, metrics
+
+
+def patch_decoder(codebook: Codebook, patch: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """codes (B, H, W) -> images (B, H*p, W*p) in [0, 1] through a patch codebook: the one renderer of
+    codes as pixels (training's sample grids, ``codegpt sample``, the demo).
+
+    Pixels are scaled by the range of the centroids, so any patch codebook renders without knowing
+    its pixel scale. ``patch`` defaults to the square root of the codebook's dim.
+    """
+    if patch is None:
+        patch = math.isqrt(codebook.dim)
+        if patch * patch != codebook.dim:
+            raise ValueError(
+                f"codebook vectors have dim {codebook.dim}, not a square patch; pass patch (--patch), or "
+                "draw each code as a coloured cell (no codebook)"
+            )
+    check_int("patch", patch, low=1)
+    if patch * patch != codebook.dim:
+        raise ValueError(f"patch {patch} needs codebook vectors of dim {patch * patch}, got {codebook.dim}")
+    low, high = float(codebook.centroids.min()), float(codebook.centroids.max())
+
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        images = codes_to_images(codebook, codes.cpu(), patch)
+        return ((images - low) / max(high - low, 1e-12)).clamp(0, 1)
+
+    return decode
 
 
 def _check_images(images: Any) -> torch.Tensor:
@@ -168,8 +145,3 @@ def _check_images(images: Any) -> torch.Tensor:
     if images.ndim != 3:
         raise ValueError(f"images must have shape (N, H, W), got {tuple(images.shape)}")
     return images
-
-
-def _check_patch(patch: Any) -> None:
-    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
-        raise ValueError(f"patch must be an int >= 1, got {patch!r}")

@@ -1,41 +1,40 @@
 """How good is a prior: held-out bits per code against a baseline, novelty, class consistency.
 
 - ``evaluate_prior``: everything below on one split, as ``codegpt eval`` and the demo report it.
-- held-out bits per code: the prior's mean negative log-likelihood per code on held-out codes
-  (``codegpt.training.evaluate``), and ``independent_baseline_bits``: the same for a model that
-  draws every position independently from its class-conditional histogram (add-one smoothing). The
-  ratio says how much the transformer gains from modelling codes jointly.
+- ``evaluate``: held-out bits per code, the prior's mean negative log-likelihood per code on
+  held-out codes (training calls it every ``eval_every`` steps), and ``independent_baseline_bits``:
+  the same for a model that draws every position independently from its class-conditional
+  histogram (add-one smoothing). The ratio says how much the transformer gains from modelling
+  codes jointly.
 - ``novelty``: the fraction of sampled code grids that are not copies of a training grid, and
   whether all samples are distinct. A prior that memorised its training set scores near 0.
 - ``class_consistency``: the fraction of decoded samples that a judge (a classifier trained on
   real images) labels with the class they were sampled for. For the digits, ``fit_digit_judge``
   trains scikit-learn's SVC on the training split's real pixels.
-- ``sample_classes``: class-conditional samples in batches, seeded, with or without guidance.
+
+Samples come from ``codegpt.runs.sample_classes``, the sampler training and ``codegpt sample`` use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from .digits import codes_to_images, patchify
 from .modeling_codegpt import GPT
-from .training import evaluate
+from .runs import sample_classes
 
 __all__ = [
-    "evaluate_prior",
-    "split_indices",
-    "code_arrays",
-    "independent_baseline_bits",
-    "novelty",
-    "sample_classes",
-    "fit_digit_judge",
-    "digit_judge_accuracy",
-    "class_consistency",
+    "evaluate", "evaluate_prior", "code_arrays", "independent_baseline_bits", "novelty", "fit_digit_judge",
+    "digit_judge_accuracy", "class_consistency",
 ]
 
 
@@ -116,43 +115,56 @@ def novelty(samples: torch.Tensor, train_codes: torch.Tensor) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def sample_classes(
-    model: GPT,
-    num_per_class: int,
-    guidance_scale: float | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    seed: int = 0,
-    batch_size: int = 1000,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_per_class`` samples of every class: codes (num_classes * n, seq_len), classes (same N).
+def evaluate(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    accelerator: Accelerator | None = None,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Held-out loss of ``model`` on ``dataset``: mean nats and bits per code.
 
-    Seeded by ``seed`` through a generator of its own, so torch's global RNG is untouched.
+    Every code is a target; the start token never is. Classes are given when the model is
+    class-conditional (the conditional likelihood). With an ``accelerator`` each process scores its
+    share and the sums are reduced; without one the model is scored where it is, in one process.
     """
-    from .sampling import generate
-
-    if not model.config.class_conditional:
-        raise ValueError("sample_classes needs a class-conditional model (config.class_conditional=True)")
-    if num_per_class < 1:
-        raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    classes = torch.arange(model.config.num_classes, device=device).repeat_interleave(num_per_class)
-    was_training = model.training
-    model.eval()
-    chunks = []
-    for begin in range(0, len(classes), batch_size):
-        tokens = generate(
-            model,
-            classes=classes[begin : begin + batch_size],
-            guidance_scale=guidance_scale,
-            temperature=temperature,
-            top_k=top_k,
-            generator=generator,
+    module = accelerator.unwrap_model(model) if accelerator is not None else model
+    conditional = module.config.class_conditional
+    was_training = module.training
+    module.eval()
+    if accelerator is not None:
+        device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+        autocast = accelerator.autocast
+    else:
+        device, rank, world = next(module.parameters()).device, 0, 1
+        autocast = contextlib.nullcontext
+    indices = list(range(rank, len(dataset), world))
+    # A generator of its own: a DataLoader without one draws a seed from torch's global RNG on every
+    # iteration, which would shift the dropout masks of the training steps that follow.
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+        generator=torch.Generator(),
+    )
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nats, number of codes)
+    for batch in loader:
+        input_ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        classes = batch["classes"].to(device) if conditional else None
+        with autocast():  # a fresh context each batch: these are single-use
+            logits = module(input_ids=input_ids, classes=classes, use_cache=False).logits
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        nats = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+            reduction="sum",
         )
-        chunks.append(tokens[:, 1:])  # drop the start token
-    model.train(was_training)
-    return torch.cat(chunks).cpu(), classes.cpu()
+        total += torch.stack([nats.double(), (targets != -100).sum().double()])
+    if world > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    module.train(was_training)
+    nats, count = float(total[0]), float(total[1])
+    if count == 0:
+        raise ValueError("the evaluation set holds no codes")
+    mean = nats / count
+    return {"loss_nats": mean, "bits_per_code": mean / math.log(2), "num_codes": int(count)}
 
 
 def fit_digit_judge(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, seed: int = 0):
@@ -174,8 +186,6 @@ def digit_judge_accuracy(judge: Any, codebook: Any, images: torch.Tensor, labels
                          patch: int = 2) -> dict[str, float]:
     """The judge's accuracy on real digits (N, 8, 8) and on the same digits passed through the patch
     codebook (encode, decode): how far its verdicts on decoded samples can be trusted."""
-    from .digits import codes_to_images, patchify
-
     reconstructed = codes_to_images(codebook, codebook.encode(patchify(images, patch)), patch=patch)
     return {
         "judge_accuracy_real": class_consistency(judge, images, labels),
@@ -188,22 +198,6 @@ def class_consistency(judge: Any, images: torch.Tensor | np.ndarray, classes: to
     X = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
     predicted = judge.predict(X)
     return float((predicted == np.asarray(classes)).mean())
-
-
-def split_indices(num_items: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """The (train, validation) indices ``CodeDataset.split(val_fraction, seed)`` gives a dataset of
-    ``num_items`` items, known before any code exists (e.g. to fit a codebook on the training
-    images alone). The split depends on the size and the seed only, so a placeholder dataset of
-    that size yields it through the real ``split``."""
-    import tempfile
-
-    from .data import CodeDataset, write_code_dataset
-
-    with tempfile.TemporaryDirectory() as tmp:
-        placeholder = torch.zeros(num_items, 1, 1, dtype=torch.uint8)
-        dataset = CodeDataset(write_code_dataset(tmp, placeholder, codebook_size=1))
-        train_part, val_part = dataset.split(val_fraction, seed=seed)
-        return list(train_part.indices), list(val_part.indices)
 
 
 def evaluate_prior(
@@ -246,18 +240,10 @@ def evaluate_prior(
     samples: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     if config.class_conditional:
         # Distinct seeds: the two sets are independent draws.
-        samples["guided"] = sample_classes(model, samples_per_class, guidance_scale, seed=seed + 1)
-        samples["unguided"] = sample_classes(model, samples_per_class, None, seed=seed + 2)
+        samples["guided"] = sample_classes(model, samples_per_class, guidance_scale=guidance_scale, seed=seed + 1)
+        samples["unguided"] = sample_classes(model, samples_per_class, seed=seed + 2)
     else:
-        from .sampling import generate
-
-        device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed + 1)
-        was_training = model.training
-        model.eval()
-        tokens = generate(model, num_samples=samples_per_class, generator=generator)
-        model.train(was_training)
-        samples["unconditional"] = (tokens[:, 1:].cpu(), None)
+        samples["unconditional"] = sample_classes(model, samples_per_class, seed=seed + 1)
     grid = getattr(getattr(train_part, "dataset", train_part), "grid", None)
     for name, (codes, classes) in samples.items():
         nov = novelty(codes, train_codes)

@@ -12,28 +12,15 @@ how many processes share the work::
 mpirun is configured; the multi-GPU launcher, which the example config selects, starts one process
 per rank, and on a machine without an accelerator they form a gloo group over the CPU.)
 
-A run folder holds::
-
-    run/
-      training_args.json          the arguments, for the record
-      log.jsonl                   one line per evaluation (step, held-out nats and bits per code)
-      checkpoints/step-000500/    model/ (save_pretrained) + Accelerate state + trainer_state.json
-      model/                      the final model (save_pretrained; loads with GPT.from_pretrained)
-      samples.png                 a grid of samples at the end (one row per class)
-
-Checkpoints are written to ``step-XXXXXX.tmp`` and renamed into place; ``trainer_state.json`` is
-written last, so a folder without it (a kill mid-save) is never picked for resume. Resume is exact:
-the data order is a pure function of (seed, epoch), the position in the epoch is saved, and
-Accelerate restores the model, optimizer, scheduler and every RNG.
+The run folder it writes is described in ``codegpt.runs``. Resume is exact: the data order is a
+pure function of (seed, epoch), the position in the epoch is saved, and Accelerate restores the
+model, optimizer, scheduler and every RNG.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,37 +30,25 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from . import runs
+from ._util import check_choice, check_float, check_int, read_json, replace_dir, resolve_device, write_json
 from .configuration_codegpt import GPTConfig
+from .evaluation import evaluate
+from .fast.kernels import remove_cpu_kernels, use_cpu_kernels
 from .modeling_codegpt import GPT
+from .runs import Decoder
 
 __all__ = [
-    "TrainingArguments",
-    "TrainResult",
-    "train",
-    "make_accelerator",
-    "evaluate",
-    "parameter_groups",
-    "lr_lambda",
-    "find_resume_checkpoint",
-    "check_compatible",
-    "EpochBatchSampler",
-    "render_codes",
-    "save_image_grid",
-    "write_json_atomic",
+    "TrainingArguments", "TrainResult", "train", "make_accelerator", "parameter_groups", "lr_lambda",
+    "check_compatible", "config_for", "EpochBatchSampler",
 ]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
-STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
-
-# Images (B, h, w) or (B, h, w, 3) with values in [0, 1], from codes (B, H, W).
-Decoder = Callable[[torch.Tensor], "np.ndarray | torch.Tensor"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,63 +92,35 @@ class TrainingArguments:
     progress: bool = True
     num_workers: int = 0
 
+    _LOW = {"max_steps": 1, "per_device_batch_size": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0,
+            "seed": 0, "eval_every": 0, "eval_batch_size": 1, "save_every": 0, "save_total_limit": 1,
+            "sample_every": 0, "samples_per_class": 1, "log_every": 1, "num_workers": 0}
+
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
-        for name, low in (
-            ("max_steps", 1),
-            ("per_device_batch_size", 1),
-            ("gradient_accumulation_steps", 1),
-            ("warmup_steps", 0),
-            ("seed", 0),
-            ("eval_every", 0),
-            ("eval_batch_size", 1),
-            ("save_every", 0),
-            ("save_total_limit", 1),
-            ("sample_every", 0),
-            ("samples_per_class", 1),
-            ("log_every", 1),
-            ("num_workers", 0),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        _check_float("learning_rate", self.learning_rate, low=0.0, low_open=True)
-        _check_float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
-        _check_float("weight_decay", self.weight_decay, low=0.0)
-        _check_float("adam_epsilon", self.adam_epsilon, low=0.0, low_open=True)
-        _check_float("sample_temperature", self.sample_temperature, low=0.0)
-        if len(self.adam_betas) != 2 or not all(
-            isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.adam_betas
-        ):
+        for name, low in self._LOW.items():
+            check_int(name, getattr(self, name), low=low)
+        check_float("learning_rate", self.learning_rate, low=0.0, low_open=True)
+        check_float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        check_float("weight_decay", self.weight_decay, low=0.0)
+        check_float("adam_epsilon", self.adam_epsilon, low=0.0, low_open=True)
+        check_float("sample_temperature", self.sample_temperature, low=0.0)
+        if not isinstance(self.adam_betas, (tuple, list)) or len(self.adam_betas) != 2:
             raise ValueError(f"adam_betas must be two floats in [0, 1), got {self.adam_betas!r}")
-        self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
+        self.adam_betas = tuple(check_float("adam_betas", b, 0.0, 1.0, high_open=True) for b in self.adam_betas)
         if self.max_grad_norm is not None:
-            _check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+            check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
         if self.sample_guidance_scale is not None:
-            _check_float("sample_guidance_scale", self.sample_guidance_scale, low=0.0)
-        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(
-                f"mixed_precision must be one of {MIXED_PRECISION} (fp32 is 'no') or None (what "
-                f"`accelerate launch --mixed_precision` says), got {self.mixed_precision!r}"
-            )
+            check_float("sample_guidance_scale", self.sample_guidance_scale, low=0.0)
+        if self.mixed_precision is not None:
+            check_choice("mixed_precision (fp32 is 'no'; None: what `accelerate launch` says)",
+                         self.mixed_precision, MIXED_PRECISION)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["output_dir"] = str(self.output_dir)
         d["adam_betas"] = list(self.adam_betas)
         return d
-
-
-def _check_float(
-    name: str, value: object, low: float, high: float | None = None, low_open: bool = False
-) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
-    if not ok:
-        lo = f"({low}" if low_open else f"[{low}"
-        hi = f"{high}]" if high is not None else "inf)"
-        raise ValueError(f"{name} must be a number in {lo}, {hi}, got {value!r}")
 
 
 @dataclass
@@ -346,6 +293,19 @@ def check_compatible(
         raise ValueError(f"the model config does not match {where}: " + "; ".join(problems))
 
 
+def config_for(
+    dataset: Any, *, dropout: float = 0.0, class_conditional: bool | None = None, **kwargs: Any
+) -> GPTConfig:
+    """A ``GPTConfig`` sized for a code dataset (``CodeDataset``): vocabulary, sequence length and
+    classes from its metadata (class-conditional when it has classes, unless told otherwise);
+    ``dropout`` sets the embedding and residual dropout; ``kwargs`` go to ``GPTConfig``."""
+    conditional = dataset.num_classes > 0 if class_conditional is None else class_conditional
+    return GPTConfig(
+        vocab_size=dataset.vocab_size, seq_len=dataset.seq_len, class_conditional=conditional,
+        num_classes=dataset.num_classes if conditional else 0, embd_dropout=dropout, resid_dropout=dropout, **kwargs
+    )
+
+
 def _dataset_meta(dataset: Dataset) -> tuple[tuple[int, int] | None, int | None, int | None]:
     """(grid, codebook size, number of classes) from a code dataset's metadata (a
     ``codegpt.data.CodeDataset`` or a ``Subset`` of one); Nones for other datasets."""
@@ -356,317 +316,6 @@ def _dataset_meta(dataset: Dataset) -> tuple[tuple[int, int] | None, int | None,
     if grid is None:
         return None, None, None
     return (int(grid[0]), int(grid[1])), getattr(base, "codebook_size", None), getattr(base, "num_classes", None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON through a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place; an old folder of that name is moved aside first
-    (``os.replace`` cannot overwrite a non-empty folder) and then deleted."""
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def _code_palette(num_codes: int) -> np.ndarray:
-    """A fixed colour per code id, for viewing codes when no decoder is given."""
-    rng = np.random.default_rng(0)
-    return rng.uniform(0.15, 1.0, size=(num_codes, 3))
-
-
-def save_image_grid(
-    images: np.ndarray | torch.Tensor, path: str | os.PathLike, rows: int, scale: int = 8, pad: int = 2
-) -> Path:
-    """Tile images (N, h, w) or (N, h, w, 3) with values in [0, 1] into ``rows`` rows and write a PNG
-    atomically. Each pixel is upscaled ``scale`` times so that small images stay viewable; a grey
-    gutter of ``pad`` pixels separates them (grey: neither the ink nor the paper of any image)."""
-    from PIL import Image
-
-    images = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if images.ndim == 3:
-        images = np.repeat(images[..., None], 3, axis=-1)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must have shape (N, h, w) or (N, h, w, 3), got {images.shape}")
-    n, h, w, _ = images.shape
-    if rows < 1 or n % rows:
-        raise ValueError(f"rows must be >= 1 and divide the number of images {n}, got {rows}")
-    cols = n // rows
-    images = np.clip(images, 0.0, 1.0)
-    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    H, W = h * scale, w * scale
-    canvas = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, 3), 0.5)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        canvas[pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = images[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    Image.fromarray((canvas * 255).round().astype(np.uint8)).save(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def _complete_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first: a ``step-N`` folder whose trainer_state.json parses."""
-    found = []
-    if not checkpoint_dir.is_dir():
-        return found
-    for entry in checkpoint_dir.iterdir():
-        m = CHECKPOINT_RE.match(entry.name)
-        if not m or not entry.is_dir():
-            continue
-        try:
-            state = json.loads((entry / STATE_NAME).read_text())
-        except (OSError, ValueError):
-            continue  # half-written: the marker is written last
-        if state.get("step") == int(m.group(1)):
-            found.append((int(m.group(1)), entry))
-    return sorted(found)
-
-
-def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run folder, or None."""
-    found = _complete_checkpoints(Path(output_dir) / "checkpoints")
-    return found[-1][1] if found else None
-
-
-def _save_checkpoint(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    output_dir: Path,
-    step: int,
-    state: dict[str, Any],
-    keep: int,
-) -> Path:
-    root = output_dir / "checkpoints"
-    final = root / f"step-{step:06d}"
-    tmp = root / f"step-{step:06d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a kill mid-save
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "model")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_NAME, state)
-        _replace_dir(tmp, final)
-        for _, old in _complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation and samples
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    dataset: Dataset,
-    accelerator: Accelerator | None = None,
-    batch_size: int = 256,
-) -> dict[str, float]:
-    """Held-out loss of ``model`` on ``dataset``: mean nats and bits per code.
-
-    Every code is a target; the start token never is. Classes are given when the model is
-    class-conditional (the conditional likelihood). With an ``accelerator`` each process scores its
-    share and the sums are reduced; without one the model is scored where it is, in one process.
-    """
-    module = accelerator.unwrap_model(model) if accelerator is not None else model
-    conditional = module.config.class_conditional
-    was_training = module.training
-    module.eval()
-    if accelerator is not None:
-        device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-        autocast = accelerator.autocast
-    else:
-        device, rank, world = next(module.parameters()).device, 0, 1
-        autocast = contextlib.nullcontext
-    indices = list(range(rank, len(dataset), world))
-    # A generator of its own: a DataLoader without one draws a seed from torch's global RNG on every
-    # iteration, which would shift the dropout masks of the training steps that follow.
-    loader = DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-        generator=torch.Generator(),
-    )
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nats, number of codes)
-    for batch in loader:
-        input_ids = batch["input_ids"].to(device)
-        labels = batch["labels"].to(device)
-        classes = batch["classes"].to(device) if conditional else None
-        with autocast():  # a fresh context each batch: these are single-use
-            logits = module(input_ids=input_ids, classes=classes, use_cache=False).logits
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-        nats = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-            reduction="sum",
-        )
-        total += torch.stack([nats.double(), (targets != -100).sum().double()])
-    if world > 1:
-        total = accelerator.reduce(total, reduction="sum")
-    module.train(was_training)
-    nats, count = float(total[0]), float(total[1])
-    if count == 0:
-        raise ValueError("the evaluation set holds no codes")
-    mean = nats / count
-    return {"loss_nats": mean, "bits_per_code": mean / math.log(2), "num_codes": int(count)}
-
-
-def _sample_codes(
-    module: GPT, num_per_class: int, guidance_scale: float | None, temperature: float, seed: int
-) -> tuple[torch.Tensor, int]:
-    """(codes (rows * cols, seq_len), rows): one row per class, or rows of ``num_per_class``."""
-    from .sampling import generate
-
-    config = module.config
-    device = next(module.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    if config.class_conditional:
-        rows = config.num_classes
-        classes = torch.arange(rows, device=device).repeat_interleave(num_per_class)
-        codes = generate(
-            module, classes=classes, guidance_scale=guidance_scale, temperature=temperature, generator=generator
-        )
-    else:
-        rows = 1
-        codes = generate(module, num_samples=num_per_class, temperature=temperature, generator=generator)
-    return _strip_start(codes, config), rows
-
-
-def _strip_start(tokens: torch.Tensor, config: GPTConfig) -> torch.Tensor:
-    """Codes (B, seq_len) from generate()'s output, with or without the start column."""
-    if tokens.shape[-1] == config.seq_len + 1:
-        tokens = tokens[:, 1:]
-    if tokens.shape[-1] != config.seq_len:
-        raise ValueError(f"expected {config.seq_len} codes per sample, got shape {tuple(tokens.shape)}")
-    return tokens
-
-
-def render_codes(codes: torch.Tensor, grid_shape: tuple[int, int], decode: Decoder | None, num_codes: int):
-    """Images in [0, 1] for codes (B, seq_len): decoded pixels, or one colour per code."""
-    codes = codes.reshape(codes.shape[0], *grid_shape).cpu()
-    if decode is not None:
-        images = decode(codes)
-        return images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    return _code_palette(num_codes)[codes.numpy()]
-
-
-def _write_samples(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    args: TrainingArguments,
-    path: Path,
-    grid_shape: tuple[int, int],
-    decode: Decoder | None,
-) -> Path | None:
-    """Sample a grid on the main process; the others wait. Sampling uses its own generator, so the
-    training RNG stream (dropout, class dropout) is the same with or without samples."""
-    written = None
-    if accelerator.is_main_process:
-        module = accelerator.unwrap_model(model)
-        was_training = module.training
-        module.eval()
-        with accelerator.autocast():
-            codes, rows = _sample_codes(
-                module, args.samples_per_class, args.sample_guidance_scale, args.sample_temperature, args.seed
-            )
-        module.train(was_training)
-        images = render_codes(codes, grid_shape, decode, module.config.codebook_size)
-        written = save_image_grid(images, path, rows=rows)
-    accelerator.wait_for_everyone()
-    return written
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
-
-
-def make_accelerator(args: TrainingArguments) -> Accelerator:
-    """The ``Accelerator`` that ``train`` makes from ``args``.
-
-    Make it yourself, first thing, when a script needs the process group before training (e.g. to
-    let the main process write the data while the others wait) and pass it to ``train``: Accelerate
-    keeps one state per process, and the first object to create it decides its settings.
-    """
-    return Accelerator(
-        # Without this, Accelerate on a machine with no accelerator treats the processes that
-        # torchrun (`accelerate launch --multi_gpu`) starts as unrelated single processes; with it
-        # they form one gloo process group. Where an accelerator exists, Accelerate picks it.
-        cpu=not _has_accelerator(),
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        # The schedule is defined in optimizer steps; by default Accelerate would step it once per
-        # process per update.
-        step_scheduler_with_optimizer=False,
-    )
-
-
-def _has_accelerator() -> bool:
-    """Whether torch sees any accelerator (CUDA, ROCm, XPU, MPS, ...)."""
-    if hasattr(torch, "accelerator"):  # torch >= 2.6
-        return torch.accelerator.is_available()
-    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
-
-
-def _prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Path | None:
-    """Decide where to start: the newest complete checkpoint (resume) or nothing."""
-    out = Path(args.output_dir)
-    if accelerator.is_main_process and (out / "checkpoints").is_dir():
-        for partial in (out / "checkpoints").glob("step-*.tmp"):  # saves cut short by a kill
-            shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    resume_from = find_resume_checkpoint(out)
-    if resume_from is not None and not args.resume:
-        if not args.overwrite_output_dir:
-            raise ValueError(
-                f"output_dir {out} already holds checkpoints (newest {resume_from.name}); pass resume=True "
-                "(--resume) to continue that run, overwrite_output_dir=True (--overwrite-output-dir) to "
-                "start over, or choose another output_dir"
-            )
-        if accelerator.is_main_process:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        accelerator.wait_for_everyone()
-        resume_from = None
-    if args.resume and resume_from is None:
-        accelerator.print(f"resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
-    return resume_from if args.resume else None
 
 
 def _optimizer_step(
@@ -703,13 +352,41 @@ def _optimizer_step(
     return total / args.gradient_accumulation_steps
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and samples
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(
+    accelerator: Accelerator, model: torch.nn.Module, out: Path, step: int, state: dict[str, Any], keep: int
+) -> Path:
+    """Write ``checkpoints/step-N`` (model, Accelerate state, trainer state last), keep the newest ``keep``."""
+    final = out / runs.CHECKPOINTS_DIR / runs.checkpoint_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a kill mid-save
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp / runs.MODEL_DIR)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / runs.STATE, state)
+        replace_dir(tmp, final)
+        for _, old in runs.complete_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
 def _restore(
     accelerator: Accelerator, checkpoint: Path, global_batch: int
 ) -> tuple[int, int, int, list[dict[str, float]]]:
     """Load a checkpoint's model, optimizer, scheduler and RNG states; return where it stopped:
     (step, epoch, samples consumed in that epoch, evaluations so far)."""
     accelerator.load_state(str(checkpoint))
-    state = json.loads((checkpoint / STATE_NAME).read_text())
+    state = read_json(checkpoint / runs.STATE, "checkpoint")
     if state.get("global_batch") != global_batch:
         accelerator.print(
             f"warning: the global batch changed since {checkpoint.name} ({state.get('global_batch')} -> "
@@ -717,6 +394,178 @@ def _restore(
         )
     accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
     return state["step"], state["epoch"], state["position"], state.get("eval_history", [])
+
+
+def _write_samples(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    args: TrainingArguments,
+    path: Path,
+    grid_shape: tuple[int, int],
+    decode: Decoder | None,
+) -> Path | None:
+    """Sample a grid on the main process (one row per class); the others wait. The sampler seeds a
+    generator of its own, so the training RNG stream is the same with or without samples."""
+    written = None
+    if accelerator.is_main_process:
+        module = accelerator.unwrap_model(model)
+        with accelerator.autocast():
+            codes, classes = runs.sample_classes(
+                module, args.samples_per_class, guidance_scale=args.sample_guidance_scale,
+                temperature=args.sample_temperature, seed=args.seed,
+            )
+        rows = module.config.num_classes if classes is not None else 1
+        images = runs.render_codes(codes, grid_shape, decode, module.config.codebook_size)
+        written = runs.save_image_grid(images, path, rows=rows)
+    accelerator.wait_for_everyone()
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Setting up
+# ---------------------------------------------------------------------------------------------
+
+
+def make_accelerator(args: TrainingArguments) -> Accelerator:
+    """The ``Accelerator`` that ``train`` makes from ``args``.
+
+    Make it yourself, first thing, when a script needs the process group before training (e.g. to
+    let the main process write the data while the others wait) and pass it to ``train``: Accelerate
+    keeps one state per process, and the first object to create it decides its settings.
+    """
+    return Accelerator(
+        # Without this, Accelerate on a machine with no accelerator treats the processes that
+        # torchrun (`accelerate launch --multi_gpu`) starts as unrelated single processes; with it
+        # they form one gloo process group. Where an accelerator exists, Accelerate picks it.
+        cpu=resolve_device("auto").type == "cpu",
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # The schedule is defined in optimizer steps; by default Accelerate would step it once per
+        # process per update.
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def _prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Path | None:
+    """Decide where to start: the newest complete checkpoint (resume) or nothing."""
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        runs.remove_partial_checkpoints(out)
+    accelerator.wait_for_everyone()
+    resume_from = runs.newest_checkpoint(out)
+    if resume_from is not None and not args.resume:
+        if not args.overwrite_output_dir:
+            raise ValueError(
+                f"output_dir {out} already holds checkpoints (newest {resume_from.name}); pass resume=True "
+                "(--resume) to continue that run, overwrite_output_dir=True (--overwrite-output-dir) to "
+                "start over, or choose another output_dir"
+            )
+        if accelerator.is_main_process:
+            shutil.rmtree(out / runs.CHECKPOINTS_DIR, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        resume_from = None
+    if args.resume and resume_from is None:
+        accelerator.print(f"resume: no complete checkpoint in {out / runs.CHECKPOINTS_DIR}; starting from step 0")
+    return resume_from if args.resume else None
+
+
+def _grid_shape(config: GPTConfig, dataset: Dataset, grid_shape: tuple[int, int] | None) -> tuple[int, int]:
+    """The code grid: given, else the dataset's (checked against the model), else square, else one row."""
+    data_grid, codebook_size, num_classes = _dataset_meta(dataset)
+    if data_grid is not None and codebook_size is not None:
+        check_compatible(config, codebook_size, data_grid, num_classes or 0)
+    grid_shape = grid_shape or data_grid
+    if grid_shape is None:
+        side = math.isqrt(config.seq_len)
+        grid_shape = (side, side) if side * side == config.seq_len else (1, config.seq_len)
+    if grid_shape[0] * grid_shape[1] != config.seq_len:
+        raise ValueError(f"grid_shape {tuple(grid_shape)} must hold seq_len={config.seq_len} codes")
+    return grid_shape
+
+
+def _prepare_model_for_device(model: GPT, device: torch.device) -> None:
+    """Swap in the CPU training kernels (same parameters, same state dict) when training on a CPU."""
+    if device.type == "cpu":
+        use_cpu_kernels(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+class _Loop:
+    """A run between optimizer steps: where it is (step, data position, evaluations so far) and what
+    it does at each step (log, evaluate, sample, save)."""
+
+    def __init__(self, args: TrainingArguments, accelerator: Accelerator, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 data: _DataStream, eval_dataset: Dataset | None, step: int, eval_history: list[dict[str, float]],
+                 global_batch: int) -> None:
+        self.args, self.accelerator, self.model = args, accelerator, model
+        self.optimizer, self.scheduler, self.data, self.eval_dataset = optimizer, scheduler, data, eval_dataset
+        self.step, self.start_step, self.eval_history, self.global_batch = step, step, eval_history, global_batch
+        self.out = Path(args.output_dir)
+        self.bar = tqdm(total=args.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not (args.progress and accelerator.is_main_process))
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint saves besides Accelerate's state (``trainer_state.json``)."""
+        return {
+            "step": self.step,
+            "epoch": self.data.epoch,
+            "position": self.data.position,
+            "global_batch": self.global_batch,
+            "num_processes": self.accelerator.num_processes,
+            "eval_history": self.eval_history,
+        }
+
+    def evaluate(self) -> None:
+        if self.eval_dataset is None:
+            return
+        metrics = {"step": self.step, **evaluate(self.model, self.eval_dataset, self.accelerator,
+                                                 self.args.eval_batch_size)}
+        self.eval_history.append(metrics)
+        if self.accelerator.is_main_process:
+            runs.append_log(self.out, metrics)
+            self.bar.write(f"step {self.step}: held-out {metrics['loss_nats']:.4f} nats, "
+                           f"{metrics['bits_per_code']:.4f} bits per code")
+
+    def save(self) -> None:
+        _save_checkpoint(self.accelerator, self.model, self.out, self.step, self.state(), self.args.save_total_limit)
+
+    def run(self, grid_shape: tuple[int, int], decode: Decoder | None) -> None:
+        """Step until ``max_steps``, then evaluate and save the last step if not done yet."""
+        args, accelerator = self.args, self.accelerator
+        codes_per_step = self.global_batch * accelerator.unwrap_model(self.model).config.seq_len
+        window_loss = torch.zeros((), device=accelerator.device)
+        window_steps, window_start = 0, time.perf_counter()
+        while self.step < args.max_steps:
+            window_loss += _optimizer_step(accelerator, self.model, self.optimizer, self.scheduler, self.data, args)
+            self.step += 1
+            window_steps += 1
+            self.bar.update(1)
+            step, last = self.step, self.step == args.max_steps
+            if step % args.log_every == 0 or last:
+                loss = window_loss if accelerator.num_processes == 1 else accelerator.reduce(window_loss, "mean")
+                codes_per_s = window_steps * codes_per_step / max(time.perf_counter() - window_start, 1e-9)
+                self.bar.set_postfix(loss=f"{float(loss) / window_steps:.4f}",
+                                     lr=f"{self.scheduler.get_last_lr()[0]:.2e}", tok_s=f"{codes_per_s:,.0f}")
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            if args.eval_every and step % args.eval_every == 0 and not last:
+                self.evaluate()
+            if args.sample_every and step % args.sample_every == 0 and not last:
+                _write_samples(accelerator, self.model, args, self.out / f"samples-step-{step:06d}.png",
+                               grid_shape, decode)
+            # Last in the step: the RNG state saved here is the one the next step starts from.
+            if args.save_every and step % args.save_every == 0 and not last:
+                self.save()
+        self.bar.close()
+        if not self.eval_history or self.eval_history[-1]["step"] != self.step:
+            self.evaluate()
+        if args.save_every and self.step > self.start_step:  # not when a finished run is resumed
+            self.save()
 
 
 def train(
@@ -762,126 +611,41 @@ def train(
         model = GPT(model)
     elif not isinstance(model, GPT):
         raise TypeError(f"model must be a GPT or a GPTConfig, got {type(model).__name__}")
-    config = model.config
-    data_grid, codebook_size, num_classes = _dataset_meta(train_dataset)
-    if data_grid is not None and codebook_size is not None:
-        check_compatible(config, codebook_size, data_grid, num_classes or 0)
-    grid_shape = grid_shape or data_grid
-    if grid_shape is None:
-        side = math.isqrt(config.seq_len)
-        grid_shape = (side, side) if side * side == config.seq_len else (1, config.seq_len)
-    if grid_shape[0] * grid_shape[1] != config.seq_len:
-        raise ValueError(f"grid_shape {tuple(grid_shape)} must hold seq_len={config.seq_len} codes")
+    grid_shape = _grid_shape(model.config, train_dataset, grid_shape)
     model.train()
-
+    _prepare_model_for_device(model, accelerator.device)
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, args.weight_decay),
-        lr=args.learning_rate,
-        betas=args.adam_betas,
-        eps=args.adam_epsilon,
+        parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_epsilon
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _make_schedule(args))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    module: GPT = accelerator.unwrap_model(model)
 
     sampler = EpochBatchSampler(
-        len(train_dataset),
-        args.per_device_batch_size,
-        accelerator.num_processes,
-        accelerator.process_index,
-        args.seed,
+        len(train_dataset), args.per_device_batch_size, accelerator.num_processes, accelerator.process_index, args.seed
     )
     global_batch = sampler.global_batch * args.gradient_accumulation_steps
     step, epoch, position, eval_history = 0, 0, 0, []  # position: samples consumed in the epoch
     if resume_from is not None:
         step, epoch, position, eval_history = _restore(accelerator, resume_from, global_batch)
     else:
-        # Different dropout masks on each process; the same stream on every restart.
-        set_seed(args.seed, device_specific=True)
-
+        set_seed(args.seed, device_specific=True)  # different dropout on each process, same on every restart
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "training_args.json", args.to_dict())
+        write_json(out / runs.TRAINING_ARGS, args.to_dict())
         # The log holds this run's evaluations up to where it starts: none, or the checkpoint's
         # (a run killed after an evaluation but before its next checkpoint repeats that step).
-        _write_text_atomic(out / "log.jsonl", "".join(json.dumps(m) + "\n" for m in eval_history))
+        runs.write_log(out, eval_history)
 
     data = _DataStream(train_dataset, sampler, args.num_workers, args.seed, epoch, position)
-    codes_per_micro = sampler.global_batch * config.seq_len
-    start_step = step
+    loop = _Loop(args, accelerator, model, optimizer, scheduler, data, eval_dataset, step, eval_history, global_batch)
+    loop.run(grid_shape, decode)
 
-    def trainer_state() -> dict[str, Any]:
-        return {
-            "step": step,
-            "epoch": data.epoch,
-            "position": data.position,
-            "global_batch": global_batch,
-            "num_processes": accelerator.num_processes,
-            "eval_history": eval_history,
-        }
-
-    def run_eval() -> None:
-        if eval_dataset is None:
-            return
-        metrics = {"step": step, **evaluate(model, eval_dataset, accelerator, args.eval_batch_size)}
-        eval_history.append(metrics)
-        if accelerator.is_main_process:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            bar.write(
-                f"step {step}: held-out {metrics['loss_nats']:.4f} nats, {metrics['bits_per_code']:.4f} bits per code"
-            )
-
-    bar = tqdm(
-        total=args.max_steps, initial=step, desc="train", unit="step", disable=not (
-            args.progress and accelerator.is_main_process
-        ), dynamic_ncols=True,
-    )
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_steps, window_start = 0, time.perf_counter()
-    while step < args.max_steps:
-        window_loss += _optimizer_step(accelerator, model, optimizer, scheduler, data, args)
-        step += 1
-        window_steps += 1
-        bar.update(1)
-
-        if step % args.log_every == 0 or step == args.max_steps:
-            loss = accelerator.reduce(window_loss, reduction="mean") if accelerator.num_processes > 1 else window_loss
-            elapsed = time.perf_counter() - window_start
-            codes_per_s = window_steps * args.gradient_accumulation_steps * codes_per_micro / max(elapsed, 1e-9)
-            bar.set_postfix(
-                loss=f"{float(loss) / window_steps:.4f}",
-                lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                tok_s=f"{codes_per_s:,.0f}",
-            )
-            window_loss.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            run_eval()
-        if args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
-            _write_samples(accelerator, model, args, out / f"samples-step-{step:06d}.png", grid_shape, decode)
-        # Last in the step: the RNG state saved here is the one the next step starts from.
-        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            _save_checkpoint(accelerator, model, out, step, trainer_state(), args.save_total_limit)
-    bar.close()
-
-    if not eval_history or eval_history[-1]["step"] != step:
-        run_eval()
-    if args.save_every and step > start_step:  # not when a finished run is resumed
-        _save_checkpoint(accelerator, model, out, step, trainer_state(), args.save_total_limit)
-    model_dir = out / "model"
+    model_dir = out / runs.MODEL_DIR
     if accelerator.is_main_process:
-        tmp = out / "model.tmp"
+        tmp = out / f"{runs.MODEL_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        module.save_pretrained(tmp)
-        _replace_dir(tmp, model_dir)
+        accelerator.unwrap_model(model).save_pretrained(tmp)
+        replace_dir(tmp, model_dir)
     accelerator.wait_for_everyone()
-    samples = _write_samples(accelerator, model, args, out / "samples.png", grid_shape, decode)
-    return TrainResult(
-        output_dir=out,
-        model_dir=model_dir,
-        step=step,
-        resumed_from=resume_from,
-        eval_history=eval_history,
-        samples_png=samples,
-    )
+    samples = _write_samples(accelerator, model, args, out / runs.SAMPLES, grid_shape, decode)
+    remove_cpu_kernels(accelerator.unwrap_model(model))  # the caller's model as it came, plain modules
+    return TrainResult(out, model_dir, loop.step, resume_from, eval_history, samples)

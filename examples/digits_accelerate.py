@@ -17,13 +17,13 @@ import argparse
 import json
 from pathlib import Path
 
-from codegpt import GPT, GPTConfig
+from codegpt import GPTConfig
 from codegpt.codebook import Codebook
 from codegpt.data import CodeDataset
-from codegpt.demo import digits_decoder, prepare_digits
-from codegpt.digits import DIGITS_MAX_VALUE, codes_to_images, load_digits_images
+from codegpt.digits import codes_to_images, digits_code_dataset, load_digits_images, patch_decoder
 from codegpt.evaluation import evaluate_prior, fit_digit_judge
-from codegpt.training import TrainingArguments, make_accelerator, train, write_json_atomic
+from codegpt.runs import load_model
+from codegpt.training import TrainingArguments, make_accelerator, train
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,7 +65,7 @@ def main() -> None:
         # A resumed run keeps the codes it started with (a refit could differ in the last bits).
         fresh = not (cli.resume and (out / "data" / "dataset.json").is_file())
         if accelerator.is_main_process and fresh:
-            prepare_digits(out, num_codes=128, patch=2, seed=cli.seed, val_fraction=0.2)
+            digits_code_dataset(out, num_codes=128, patch=2, seed=cli.seed, val_fraction=0.2)
     dataset = CodeDataset(out / "data")
     codebook = Codebook.from_pretrained(out / "codebook")
     train_part, val_part = dataset.split(0.2, seed=cli.seed)
@@ -85,19 +85,20 @@ def main() -> None:
     )
     result = train(
         args, config, train_part, val_part,
-        decode=digits_decoder(codebook, patch=2, scale=DIGITS_MAX_VALUE),
+        decode=patch_decoder(codebook, patch=2),
         grid_shape=dataset.grid, accelerator=accelerator,
     )
 
     if accelerator.is_main_process:
-        model = GPT.from_pretrained(result.model_dir).eval()
+        model = load_model(result.model_dir, device="cpu")
         images, labels = load_digits_images()
         judge = fit_digit_judge(images[train_part.indices], labels[train_part.indices], seed=cli.seed)
         metrics, _ = evaluate_prior(
             model, train_part, val_part, seed=cli.seed, judge=judge, held_out=result.final_eval,
             to_pixels=lambda codes: codes_to_images(codebook, codes, patch=2),
         )
-        write_json_atomic(out / "metrics.json", {"eval": metrics, "processes": accelerator.num_processes})
+        report = {"eval": metrics, "processes": accelerator.num_processes}
+        (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(metrics, indent=2))
         print(f"samples: {result.samples_png}\nmodel: {result.model_dir}")
     accelerator.wait_for_everyone()

@@ -24,8 +24,9 @@ import torch
 from codegpt import GPT, GPTConfig
 from codegpt.data import CodeDataset, write_code_dataset
 from codegpt.evaluation import evaluate_prior
+from codegpt.runs import render_codes, save_image_grid
 from codegpt.sampling import generate, to_grid
-from codegpt.training import TrainingArguments, make_accelerator, render_codes, save_image_grid, train
+from codegpt.training import TrainingArguments, make_accelerator, train
 
 
 def synthetic_codes(n: int = 2000, size: int = 8, codebook_size: int = 64, seed: int = 0):

@@ -1,4 +1,5 @@
-"""Shared test settings."""
+"""Shared test settings and fixtures: one thread, a clean Accelerate state, tiny configs, code
+datasets and run folders."""
 
 import os
 
@@ -7,24 +8,124 @@ import os
 # inherit the variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from codegpt import GPT, GPTConfig  # noqa: E402
 
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models: a second thread only adds fork/join waits, which cost whole scheduler time slices
-    when the machine is shared. Restores the thread count it found."""
-    threads = torch.get_num_threads()
+    """Tiny tensors: a second intra-op thread makes every op wait for a free core and buys nothing.
+    Restored after each test, whatever the test (or a library it calls) set."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(previous)
 
+
+def reset_accelerate() -> None:
+    """Accelerate keeps one process-wide state that a later Accelerator cannot change (e.g. fp32,
+    then bf16); tests that train in-process start from a clean one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """A clean Accelerate state before and after the test; yields the reset, for tests that train
+    twice with different settings."""
+    reset_accelerate()
+    yield reset_accelerate
+    reset_accelerate()
+
+
+@pytest.fixture
+def random_codes():
+    """``random_codes(n, grid, codebook_size, num_classes, seed)``: uniform codes (n, H, W) and labels (n,)."""
+
+    def make(n=40, grid=(3, 5), codebook_size=300, num_classes=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        codes = torch.randint(0, codebook_size, (n, *grid), generator=g)
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        return codes, labels
+
+    return make
+
+
+@pytest.fixture
+def learnable_dataset():
+    """``learnable_dataset(path, n, codebook_size, grid, num_classes, seed)``: a CodeDataset with
+    structure a model can learn: each class draws from its own few codes, and every code repeats
+    its left neighbour half of the time."""
+    from codegpt.data import CodeDataset, write_code_dataset
+
+    def make(path: Path, n: int = 96, codebook_size: int = 16, grid=(2, 4), num_classes: int = 3, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        H, W = grid
+        codes = torch.empty(n, H * W, dtype=torch.long)
+        for i in range(n):
+            base = 4 * int(labels[i]) % codebook_size
+            for j in range(H * W):
+                fresh = base + int(torch.randint(0, 4, (), generator=g))
+                repeat = j > 0 and bool(torch.rand((), generator=g) < 0.5)
+                codes[i, j] = codes[i, j - 1] if repeat else fresh
+        write_code_dataset(path, codes.reshape(n, H, W), labels, codebook_size=codebook_size, num_classes=num_classes)
+        return CodeDataset(path)
+
+    return make
+
+
+@pytest.fixture
+def tiny_config():
+    """``tiny_config(dataset=None, **overrides)``: a small class-conditional GPTConfig, sized for
+    ``dataset`` (a CodeDataset) when one is given, else for 16 codes of a 16-code codebook."""
+    from codegpt import GPTConfig
+
+    def make(dataset=None, **overrides):
+        kw = dict(vocab_size=17, seq_len=16, embed_dim=32, num_layers=2, num_heads=2, class_conditional=True,
+                  num_classes=3)
+        if dataset is not None:
+            kw.update(vocab_size=dataset.vocab_size, seq_len=dataset.seq_len, num_classes=dataset.num_classes)
+        if not overrides.get("class_conditional", True):
+            kw["num_classes"] = 0
+        kw.update(overrides)
+        return GPTConfig(**kw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished run folder of codegpt.training (a few steps on learnable codes, two checkpoints,
+    evaluations): the real layout, for tests that read runs. Shared: do not modify it."""
+    from codegpt import GPTConfig
+    from codegpt.data import CodeDataset, split_indices, write_code_dataset
+    from codegpt.training import TrainingArguments, train
+
+    root = tmp_path_factory.mktemp("trained_run")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (48,), generator=g)
+    codes = (4 * labels[:, None, None] + torch.randint(0, 4, (48, 2, 4), generator=g)) % 16
+    dataset = CodeDataset(write_code_dataset(root / "data", codes, labels, codebook_size=16, num_classes=3))
+    train_idx, val_idx = split_indices(len(dataset), 0.25, seed=0)
+    config = GPTConfig(vocab_size=17, seq_len=8, embed_dim=32, num_layers=1, num_heads=2, class_conditional=True,
+                       num_classes=3)
+    args = TrainingArguments(output_dir=root / "run", max_steps=4, per_device_batch_size=8, warmup_steps=1,
+                             eval_every=2, save_every=2, progress=False, samples_per_class=1)
+    reset_accelerate()
+    try:
+        train(args, config, torch.utils.data.Subset(dataset, train_idx), torch.utils.data.Subset(dataset, val_idx))
+    finally:
+        reset_accelerate()
+    return root / "run"
 
 def _tiny_model(seed: int = 0, conditional: bool = True, sharpen: float = 1.0, **overrides) -> GPT:
     """A 3x4-code model in eval mode; ``sharpen`` scales the head so that the next-token distribution is

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate
 from safetensors.torch import load_file, save_file
 
 from codegpt.cli import main
@@ -17,19 +17,8 @@ from codegpt.data import write_code_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def reset_accelerate() -> None:
-    """Accelerate keeps one process-wide state that a later Accelerator cannot change; commands run
-    in-process start from a clean one."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+# Commands run in-process; each starts from a clean Accelerate state.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +34,11 @@ def demo_dir(tmp_path_factory):
     return out
 
 
-def small_dataset(path: Path, codebook_size: int = 16, grid=(4, 4), n: int = 24) -> Path:
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, codebook_size, (n, *grid), generator=g)
-    labels = torch.randint(0, 3, (n,), generator=g)
-    return write_code_dataset(path, codes, labels, codebook_size=codebook_size, num_classes=3)
+@pytest.fixture
+def small_dataset(tmp_path, random_codes) -> Path:
+    """24 items of random 4x4 codes from a 16-code codebook, 3 classes."""
+    codes, labels = random_codes(24, (4, 4), codebook_size=16, num_classes=3)
+    return write_code_dataset(tmp_path / "data", codes, labels, codebook_size=16, num_classes=3)
 
 
 def test_demo_smoke_writes_png_and_metrics(demo_dir, capsys):
@@ -107,8 +96,8 @@ def test_train_errors_for_a_missing_dataset(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_train_errors_for_a_config_that_does_not_match_the_dataset(tmp_path, capsys):
-    data = small_dataset(tmp_path / "data")  # 16 codes, 4x4 grid, 3 classes
+def test_train_errors_for_a_config_that_does_not_match_the_dataset(small_dataset, tmp_path, capsys):
+    data = small_dataset  # 16 codes, 4x4 grid, 3 classes
     config = tmp_path / "config.json"
     config.write_text(json.dumps({
         "model_type": "codegpt", "vocab_size": 33, "seq_len": 64, "embed_dim": 32, "num_layers": 1,
@@ -122,8 +111,8 @@ def test_train_errors_for_a_config_that_does_not_match_the_dataset(tmp_path, cap
     assert "num_classes=3" in err
 
 
-def test_train_runs_and_refuses_to_mix_runs_without_resume(tmp_path, capsys):
-    data = small_dataset(tmp_path / "data")
+def test_train_runs_and_refuses_to_mix_runs_without_resume(small_dataset, tmp_path, capsys):
+    data = small_dataset
     argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "8",
             "--embed-dim", "16", "--layers", "1", "--heads", "2", "--save-every", "1", "--no-progress",
             "--samples-per-class", "1"]

@@ -11,16 +11,6 @@ import codegpt.codebook as codebook_module
 from codegpt.codebook import Codebook
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tensors are tiny: on a busy 2-core machine a second intra-op thread makes every op
-    # wait for a free core (40x slower here), and buys nothing.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def blobs(num_clusters=5, per_cluster=200, dim=8, spread=0.1, seed=0):
     """Well-separated Gaussian clusters: (points, true centres, true assignment)."""
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from codegpt.codebook import Codebook
 from codegpt.data import CodeDataset, CodeDatasetWriter, load_code_dataset, write_code_dataset
 from codegpt.digits import (
     codes_to_images,
@@ -20,25 +21,8 @@ from codegpt.digits import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tensors are tiny: on a busy 2-core machine a second intra-op thread makes every op
-    # wait for a free core (40x slower here), and buys nothing.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def random_codes(n=40, grid=(3, 5), codebook_size=300, num_classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, codebook_size, (n, *grid), generator=g)
-    labels = torch.randint(0, num_classes, (n,), generator=g)
-    return codes, labels
-
-
 @pytest.fixture
-def dataset_dir(tmp_path):
+def dataset_dir(tmp_path, random_codes):
     """A valid 40-item dataset in 4 shards of 10: (path, codes, labels)."""
     codes, labels = random_codes(codebook_size=128)
     path = write_code_dataset(tmp_path / "ds", codes, labels, codebook_size=128, num_classes=4,
@@ -54,7 +38,7 @@ def tamper(path, shard, **changes):
     save_file(tensors, str(file))
 
 
-def test_round_trip_and_item_convention(tmp_path):
+def test_round_trip_and_item_convention(tmp_path, random_codes):
     codes, labels = random_codes()
     names = ["cat", "dog", "fish", "bird"]
     path = write_code_dataset(tmp_path / "ds", codes, labels, codebook_size=300, num_classes=4,
@@ -84,7 +68,7 @@ def test_round_trip_and_item_convention(tmp_path):
         dataset[40]
 
 
-def test_writer_appends_several_shards(tmp_path):
+def test_writer_appends_several_shards(tmp_path, random_codes):
     codes, labels = random_codes(n=24, codebook_size=128)
     with CodeDatasetWriter(tmp_path / "ds", codebook_size=128, num_classes=4,
                            shard_size=7) as writer:
@@ -102,7 +86,7 @@ def test_writer_appends_several_shards(tmp_path):
     assert torch.equal(torch.stack([dataset[i]["classes"] for i in range(24)]), labels)
 
 
-def test_unconditional_dataset_has_no_classes(tmp_path):
+def test_unconditional_dataset_has_no_classes(tmp_path, random_codes):
     codes, _ = random_codes(codebook_size=70000)  # needs int32 storage
     path = write_code_dataset(tmp_path / "ds", codes, codebook_size=70000)
     dataset = CodeDataset(path)
@@ -225,7 +209,7 @@ def test_missing_or_malformed_metadata(dataset_dir, tmp_path):
         CodeDataset(path)
 
 
-def test_writer_rejects_bad_input(tmp_path):
+def test_writer_rejects_bad_input(tmp_path, random_codes):
     codes, labels = random_codes(codebook_size=128)
     bad = codes.clone()
     bad[5, 2, 4] = 128
@@ -255,7 +239,7 @@ def test_writer_rejects_bad_input(tmp_path):
         write_code_dataset(tmp_path / "h", codes, labels, codebook_size=128, num_classes=4)
 
 
-def test_interrupted_write_is_never_seen_as_complete(tmp_path):
+def test_interrupted_write_is_never_seen_as_complete(tmp_path, random_codes):
     codes, labels = random_codes(codebook_size=128)
     with pytest.raises(RuntimeError, match="interrupted"):
         with CodeDatasetWriter(tmp_path / "ds", codebook_size=128, num_classes=4,
@@ -297,9 +281,12 @@ def test_items_line_up_with_the_models_labels_convention(dataset_dir):
 
 
 def test_digits_pipeline(tmp_path):
-    codebook, path, metrics = digits_code_dataset(tmp_path / "digits", seed=0)
+    fitted = digits_code_dataset(tmp_path / "digits", seed=0, val_fraction=0)  # fitted on every digit
+    codebook, path, metrics = fitted.codebook, fitted.dataset.path, fitted.metrics
     assert metrics["mse"] <= 1.0  # per pixel, on the 0-16 scale
     assert metrics["grid"] == (4, 4) and metrics["num_images"] == 1797
+    assert fitted.val is None and len(fitted.train) == 1797
+    assert torch.equal(Codebook.from_pretrained(tmp_path / "digits" / "codebook").centroids, codebook.centroids)
     dataset = CodeDataset(path)
     assert len(dataset) == 1797 and dataset.codebook_size == 128 and dataset.grid == (4, 4)
     assert sorted(set(dataset.labels.tolist())) == list(range(10))
@@ -312,11 +299,17 @@ def test_digits_pipeline(tmp_path):
     assert decoded.shape == (20, 8, 8)
     assert torch.mean((decoded - images[:20]) ** 2) < 1.5
 
-    again, _, _ = digits_code_dataset(tmp_path / "again", seed=0)
+    again = digits_code_dataset(tmp_path / "again", seed=0, val_fraction=0).codebook
     assert torch.equal(again.centroids, codebook.centroids)  # deterministic for a seed
 
-    held = digits_code_dataset(tmp_path / "split", seed=0, fit_on=list(range(1500)))[2]
-    assert held["mse_held_out"] <= 1.0
+    held = digits_code_dataset(tmp_path / "split", seed=0, val_fraction=0.2)
+    assert held.metrics["mse_held_out"] <= 1.0
+    # The codebook saw the training split only, and that split is the one CodeDataset.split gives.
+    train_part, val_part = held.dataset.split(0.2, seed=0)
+    assert held.train_indices == list(train_part.indices) and held.val_indices == list(val_part.indices)
+    assert held.metrics["mse_fit"] == pytest.approx(
+        held.codebook.stats(patchify(images[held.train_indices], 2)).mse
+    )
 
 
 def test_patchify_round_trip():

@@ -13,8 +13,6 @@ from codegpt.fast import FastDecoder, KVDecoder, ModelDecoder, plain_kind, unkno
 from codegpt.sampling import KVDecoder as KVDecoderFromSampling
 from codegpt.sampling import generate
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 class LoRA(nn.Module):
     """A LoRA-style adapter: ``base(x) + up(down(x))``, ``up`` zero at first as LoRA initialises it."""

@@ -6,7 +6,6 @@ Loading the folder as remote code in a fresh process is in ``test_remote_code.py
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import math
@@ -20,20 +19,20 @@ from huggingface_hub import HfApi, ModelCard
 from transformers import GenerationConfig
 
 from codegpt import GPT, GPTConfig
+from codegpt._util import read_json
+from codegpt.cli import main
 from codegpt.codebook import Codebook
 from codegpt.hub import (
     CardInfo,
     SamplingSettings,
-    add_push_parser,
     load_codebook,
     prepare_upload_folder,
     push_to_hub,
-    read_json,
     render_model_card,
-    resolve_run,
     select_metrics,
     upload_file_names,
 )
+from codegpt.runs import resolve_run
 
 REPO_ID = "toy-org/toy-prior"
 TOKEN = "hf_dummyTokenThatMustNeverBeWritten0123456789"
@@ -47,16 +46,6 @@ MODEL_FILES = [
     "modeling_codegpt.py",
 ]
 CODEBOOK_FILES = ["codebook/config.json", "codebook/model.safetensors"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: on a shared 2-core machine, intra-op threads spin-wait and make each op ~100x
-    # slower than on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -308,15 +297,8 @@ def test_sampling_settings_make_valid_generation_configs():
 # ---------------------------------------------------------------------------------------------
 
 
-def push_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codegpt")
-    add_push_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def run_cli(*argv: str) -> int:
-    args = push_parser().parse_args(["push", *map(str, argv)])
-    return args.func(args)
+    return main(["push", *map(str, argv)])
 
 
 def test_dry_run_writes_exactly_the_upload_files(checkpoint, codebook_dir, tmp_path, monkeypatch, capsys):
@@ -412,7 +394,7 @@ def test_bad_inputs_write_nothing(checkpoint, codebook_dir, tmp_path, capsys):
         assert message in err, (message, err)
         assert not out.exists()
     with pytest.raises(SystemExit):  # a token is never taken on the command line
-        push_parser().parse_args(["push", str(checkpoint), "--repo-id", REPO_ID, "--token", TOKEN])
+        run_cli(checkpoint, "--repo-id", REPO_ID, "--token", TOKEN)
 
 
 def test_read_json_errors_name_the_argument(tmp_path):

@@ -13,8 +13,6 @@ from transformers import LogitsProcessorList
 from codegpt import GPT
 from codegpt.sampling import generate, to_grid
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def full_logits(model: GPT, ids: torch.Tensor, classes=None, guidance_scale=None) -> torch.Tensor:
     """(B, T, V) next-token scores from full forwards without a cache, guided like generate()."""

@@ -14,17 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from codegpt import GPT, GPTConfig
-from codegpt.data import CodeDataset, write_code_dataset
+from codegpt.evaluation import evaluate
+from codegpt.runs import newest_checkpoint
 from codegpt.training import (
     EpochBatchSampler,
     TrainingArguments,
     check_compatible,
-    evaluate,
-    find_resume_checkpoint,
     lr_lambda,
     make_accelerator,
     parameter_groups,
@@ -34,52 +32,10 @@ from codegpt.training import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def reset_accelerate() -> None:
-    """Accelerate keeps one process-wide state that a later Accelerator cannot change (e.g. fp32,
-    then bf16); tests that train in-process start from a clean one."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    reset_accelerate()  # whatever other test files left behind
-    yield
-    reset_accelerate()
-
-
-def make_dataset(path: Path, n: int = 96, codebook_size: int = 16, grid=(2, 4), num_classes: int = 3, seed: int = 0):
-    """Codes with structure a model can learn: each class draws from its own few codes, and every
-    code repeats its left neighbour half of the time."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, num_classes, (n,), generator=g)
-    H, W = grid
-    codes = torch.empty(n, H * W, dtype=torch.long)
-    for i in range(n):
-        base = 4 * int(labels[i]) % codebook_size
-        for j in range(H * W):
-            fresh = base + int(torch.randint(0, 4, (), generator=g))
-            repeat = j > 0 and bool(torch.rand((), generator=g) < 0.5)
-            codes[i, j] = codes[i, j - 1] if repeat else fresh
-    write_code_dataset(path, codes.reshape(n, H, W), labels, codebook_size=codebook_size, num_classes=num_classes)
-    return CodeDataset(path)
-
-
-def tiny_config(dataset, **overrides) -> GPTConfig:
-    kw = dict(
-        vocab_size=dataset.vocab_size,
-        seq_len=dataset.seq_len,
-        embed_dim=32,
-        num_layers=2,
-        num_heads=2,
-        class_conditional=True,
-        num_classes=dataset.num_classes,
-        embd_dropout=0.1,
-        resid_dropout=0.1,
-        class_dropout_prob=0.2,
-    )
-    kw.update(overrides)
-    return GPTConfig(**kw)
+# The training tests' models have dropout, so that exact resume covers the dropout RNG too.
+DROPOUT = dict(embd_dropout=0.1, resid_dropout=0.1, class_dropout_prob=0.2)
 
 
 def tiny_args(out: Path, **overrides) -> TrainingArguments:
@@ -102,10 +58,10 @@ def tiny_args(out: Path, **overrides) -> TrainingArguments:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path):
-    dataset = make_dataset(tmp_path / "data")
+def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path, learnable_dataset, tiny_config):
+    dataset = learnable_dataset(tmp_path / "data")
     train_part, val_part = dataset.split(0.25, seed=0)
-    result = train(tiny_args(tmp_path / "run", eval_every=10), tiny_config(dataset), train_part, val_part)
+    result = train(tiny_args(tmp_path / "run", eval_every=10), tiny_config(dataset, **DROPOUT), train_part, val_part)
     history = [h["loss_nats"] for h in result.eval_history]
     assert [h["step"] for h in result.eval_history] == [10, 20, 30, 40]
     assert history[-1] < history[0] - 0.3, history
@@ -127,11 +83,11 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path):
     assert json.loads((tmp_path / "run" / "training_args.json").read_text())["max_steps"] == 40
 
 
-def test_bf16_autocast_runs_on_cpu(tmp_path):
-    dataset = make_dataset(tmp_path / "data", n=32)
+def test_bf16_autocast_runs_on_cpu(tmp_path, learnable_dataset, tiny_config):
+    dataset = learnable_dataset(tmp_path / "data", n=32)
     args = tiny_args(tmp_path / "run", max_steps=3, mixed_precision="bf16", gradient_accumulation_steps=2)
     accelerator = make_accelerator(args)
-    result = train(args, tiny_config(dataset), dataset, dataset, accelerator=accelerator)
+    result = train(args, tiny_config(dataset, **DROPOUT), dataset, dataset, accelerator=accelerator)
     assert math.isfinite(result.final_eval["loss_nats"])
     # Autocast computes in bf16 on the CPU; the weights stay fp32 and so does the saved model.
     model = GPT.from_pretrained(result.model_dir)
@@ -141,10 +97,10 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
     assert model.lm_head.weight.dtype == torch.float32
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, learnable_dataset, tiny_config, fresh_accelerate_state):
     """Two micro-batches of 8 with accumulation = one batch of 16: the same samples per update (the
     data order depends on the global batch only) and the same mean loss. No dropout, so no RNG."""
-    dataset = make_dataset(tmp_path / "data", n=64)
+    dataset = learnable_dataset(tmp_path / "data", n=64)
     config = tiny_config(dataset, embd_dropout=0.0, resid_dropout=0.0, class_dropout_prob=0.0)
     weights = []
     for name, batch, accumulation in (("big", 16, 1), ("accumulated", 8, 2)):
@@ -152,7 +108,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
                          gradient_accumulation_steps=accumulation)
         result = train(args, config, dataset)
         weights.append(load_file(result.model_dir / "model.safetensors"))
-        reset_accelerate()  # the next run has another accumulation setting
+        fresh_accelerate_state()  # the next run has another accumulation setting
     big, accumulated = weights
     for key in big:
         torch.testing.assert_close(accumulated[key], big[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -206,10 +162,10 @@ def test_data_order_is_a_function_of_seed_epoch_and_global_batch():
     assert list(one) == first[2:]
 
 
-def test_errors_name_what_to_fix(tmp_path):
-    dataset = make_dataset(tmp_path / "data", n=8)
+def test_errors_name_what_to_fix(tmp_path, learnable_dataset, tiny_config):
+    dataset = learnable_dataset(tmp_path / "data", n=8)
     with pytest.raises(ValueError, match="per_device_batch_size"):
-        train(tiny_args(tmp_path / "run", per_device_batch_size=16), tiny_config(dataset), dataset)
+        train(tiny_args(tmp_path / "run", per_device_batch_size=16), tiny_config(dataset, **DROPOUT), dataset)
     with pytest.raises(ValueError, match=r"set vocab_size=17"):
         check_compatible(tiny_config(dataset, vocab_size=33, codebook_size=32), 16, (2, 4), 3)
     with pytest.raises(ValueError, match=r"set seq_len=8"):
@@ -225,15 +181,15 @@ def test_errors_name_what_to_fix(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_checkpoints_keep_the_last_k_and_half_written_ones_are_never_picked(tmp_path):
-    dataset = make_dataset(tmp_path / "data", n=48)
+def test_checkpoints_keep_the_last_k_and_half_written_ones_are_never_picked(tmp_path, learnable_dataset, tiny_config):
+    dataset = learnable_dataset(tmp_path / "data", n=48)
     out = tmp_path / "run"
-    train(tiny_args(out, max_steps=6, save_every=2, save_total_limit=2), tiny_config(dataset), dataset)
+    train(tiny_args(out, max_steps=6, save_every=2, save_total_limit=2), tiny_config(dataset, **DROPOUT), dataset)
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000004", "step-000006"]
     newest = ckpts / "step-000006"
     assert (newest / "model" / "model.safetensors").is_file() and (newest / "optimizer.bin").is_file()
-    assert find_resume_checkpoint(out) == newest
+    assert newest_checkpoint(out) == newest
 
     # A kill mid-save leaves a .tmp folder, or (other writers) a folder without the marker, or a
     # marker cut short: none of them is complete.
@@ -243,14 +199,14 @@ def test_checkpoints_keep_the_last_k_and_half_written_ones_are_never_picked(tmp_
     (ckpts / "step-000010" / "model.safetensors").write_bytes(b"")
     (ckpts / "step-000012").mkdir()
     (ckpts / "step-000012" / "trainer_state.json").write_text('{"step": 1')
-    assert find_resume_checkpoint(out) == newest
+    assert newest_checkpoint(out) == newest
 
     # Without --resume an existing run is not silently mixed with a new one.
     with pytest.raises(ValueError, match="resume"):
-        train(tiny_args(out, max_steps=6, save_every=2), tiny_config(dataset), dataset)
+        train(tiny_args(out, max_steps=6, save_every=2), tiny_config(dataset, **DROPOUT), dataset)
     # Resuming a finished run does no steps and keeps its weights.
     before = load_file(out / "model" / "model.safetensors")
-    result = train(tiny_args(out, max_steps=6, save_every=2, resume=True), tiny_config(dataset), dataset)
+    result = train(tiny_args(out, max_steps=6, save_every=2, resume=True), tiny_config(dataset, **DROPOUT), dataset)
     assert result.step == 6 and result.resumed_from == newest
     after = load_file(out / "model" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -292,8 +248,8 @@ def _run(script: Path, *argv: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
-    make_dataset(tmp_path / "data", n=40)  # 5 batches an epoch: the kill and resume cross epochs
+def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, learnable_dataset):
+    learnable_dataset(tmp_path / "data", n=40)  # 5 batches an epoch: the kill and resume cross epochs
     script = tmp_path / "train_script.py"
     script.write_text(KILL_SCRIPT)
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -301,7 +257,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
     victim = _run(script, str(tmp_path / "data"), str(killed), "fresh")
 
     deadline = time.monotonic() + 120
-    while find_resume_checkpoint(killed) is None or find_resume_checkpoint(killed).name < "step-000008":
+    while newest_checkpoint(killed) is None or newest_checkpoint(killed).name < "step-000008":
         assert victim.poll() is None, f"finished before it could be killed:\n{victim.stdout.read()}"
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
@@ -309,7 +265,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (killed / "model").exists(), "the run was not killed mid-way"
-    killed_at = find_resume_checkpoint(killed)
+    killed_at = newest_checkpoint(killed)
     assert killed_at is not None and killed_at.name < "step-000030"
 
     resumed = _run(script, str(tmp_path / "data"), str(killed), "resume")
@@ -326,8 +282,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
     assert not different, f"weights differ after resume: {different}"
 
 
-def test_two_process_accelerate_launch_and_single_process_load(tmp_path):
-    dataset = make_dataset(tmp_path / "data", n=64)
+def test_two_process_accelerate_launch_and_single_process_load(tmp_path, learnable_dataset):
+    dataset = learnable_dataset(tmp_path / "data", n=64)
     out = tmp_path / "run"
     cmd = [
         str(Path(sys.executable).with_name("accelerate")), "launch",
