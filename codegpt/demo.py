@@ -93,19 +93,11 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
         class_dropout_prob=s.class_dropout, tie_word_embeddings=s.tie_embeddings,
     )
     args = TrainingArguments(
-        output_dir=out / "run",
-        max_steps=s.steps,
-        per_device_batch_size=s.batch_size,
-        learning_rate=s.learning_rate,
-        warmup_steps=min(s.warmup_steps, s.steps),
-        weight_decay=s.weight_decay,
-        mixed_precision=s.mixed_precision,
-        seed=s.seed,
-        samples_per_class=min(s.grid_columns, 8),
-        sample_guidance_scale=s.guidance_scale,
-        overwrite_output_dir=True,
-        progress=s.progress,
-        log_every=25,
+        output_dir=out / "run", max_steps=s.steps, per_device_batch_size=s.batch_size, learning_rate=s.learning_rate,
+        warmup_steps=min(s.warmup_steps, s.steps), weight_decay=s.weight_decay, mixed_precision=s.mixed_precision,
+        seed=s.seed, samples_per_class=min(s.grid_columns, 8), sample_guidance_scale=s.guidance_scale,
+        overwrite_output_dir=True, progress=s.progress, log_every=25,
+        save_every=0,  # a one-minute run, started over each time: no checkpoints
     )
     decode = patch_decoder(codebook, s.patch)
     result = train(args, config, digits.train, digits.val, decode=decode, grid_shape=dataset.grid)
@@ -116,14 +108,8 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     train_idx, val_idx = digits.train_indices, digits.val_indices
     judge = fit_digit_judge(images[train_idx], labels[train_idx], seed=s.seed)
     metrics, samples = evaluate_prior(
-        model,
-        digits.train,
-        digits.val,
-        samples_per_class=s.samples_per_class,
-        guidance_scale=s.guidance_scale,
-        seed=s.seed,
-        to_pixels=lambda codes: codes_to_images(codebook, codes, patch=s.patch),
-        judge=judge,
+        model, digits.train, digits.val, samples_per_class=s.samples_per_class, guidance_scale=s.guidance_scale,
+        seed=s.seed, to_pixels=lambda codes: codes_to_images(codebook, codes, patch=s.patch), judge=judge,
         held_out=result.final_eval,  # measured by train() at the last step
     )
     metrics.update(digit_judge_accuracy(judge, codebook, images[val_idx], labels[val_idx], patch=s.patch))
@@ -136,36 +122,28 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     png = save_image_grid(pixels, out / "samples.png", rows=dataset.num_classes)
     end = time.perf_counter()
 
+    m, t = metrics, TARGETS
     met = {
-        "bits_ratio": metrics["bits_ratio"] <= TARGETS["bits_ratio_max"],
-        "class_consistency_guided": metrics["class_consistency_guided"] >= TARGETS["class_consistency_guided_min"],
-        "class_consistency_unguided": (
-            metrics["class_consistency_unguided"] >= TARGETS["class_consistency_unguided_min"]
-        ),
-        "judge_accuracy": metrics["judge_accuracy"] >= TARGETS["judge_accuracy_min"],
-        "novelty": min(metrics["novelty_guided"], metrics["novelty_unguided"]) >= TARGETS["novelty_min"],
-        "all_distinct": bool(metrics["all_distinct_guided"] and metrics["all_distinct_unguided"]),
-        "codebook_mse": metrics["codebook_mse"] <= TARGETS["codebook_mse_max"],
+        "bits_ratio": m["bits_ratio"] <= t["bits_ratio_max"],
+        "class_consistency_guided": m["class_consistency_guided"] >= t["class_consistency_guided_min"],
+        "class_consistency_unguided": m["class_consistency_unguided"] >= t["class_consistency_unguided_min"],
+        "judge_accuracy": m["judge_accuracy"] >= t["judge_accuracy_min"],
+        "novelty": min(m["novelty_guided"], m["novelty_unguided"]) >= t["novelty_min"],
+        "all_distinct": bool(m["all_distinct_guided"] and m["all_distinct_unguided"]),
+        "codebook_mse": m["codebook_mse"] <= t["codebook_mse_max"],
     }
     report = {
         "eval": metrics,  # the held-out ("validation") quality figures; `codegpt push --metrics` reads these
         "targets": TARGETS,
         "targets_met": met,
-        "timing_seconds": {
-            "codebook": t_codes - start,
-            "train": t_train - t_codes,
-            "evaluate": end - t_train,
-            "total": end - start,  # without interpreter start-up and imports; time the command for those
-        },
+        # total: without interpreter start-up and imports; time the command for those
+        "timing_seconds": {"codebook": t_codes - start, "train": t_train - t_codes, "evaluate": end - t_train,
+                           "total": end - start},
         "model": {"parameters": sum(p.numel() for p in model.parameters()), "config": config.to_diff_dict()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
         "split": {"train": len(train_idx), "val": len(val_idx), "seed": s.seed},
-        "files": {
-            "samples_png": str(png),
-            "model": str(result.model_dir),
-            "codebook": str(out / "codebook"),
-            "data": str(out / "data"),
-        },
+        "files": {"samples_png": str(png), "model": str(result.model_dir), "codebook": str(out / "codebook"),
+                  "data": str(out / "data")},
     }
     report["model"]["config"].pop("transformers_version", None)
     write_json(out / "metrics.json", _jsonable(report))
@@ -189,22 +167,19 @@ def _jsonable(obj: Any) -> Any:
 def format_report(report: dict[str, Any]) -> str:
     """A short human summary of ``run_demo``'s report."""
     m, t, met = report["eval"], report["targets"], report["targets_met"]
-
-    def mark(key: str) -> str:
-        return "ok " if met[key] else "MISS"
-
+    ok = {key: "ok " if hit else "MISS" for key, hit in met.items()}
     lines = [
         f"held-out bits per code  {m['bits_per_code']:.3f}  (baseline {m['baseline_bits_per_code']:.3f}, "
-        f"ratio {m['bits_ratio']:.3f} <= {t['bits_ratio_max']})  {mark('bits_ratio')}",
+        f"ratio {m['bits_ratio']:.3f} <= {t['bits_ratio_max']})  {ok['bits_ratio']}",
         f"class consistency       guided {m['class_consistency_guided']:.1%} (>= "
-        f"{t['class_consistency_guided_min']:.0%}) {mark('class_consistency_guided')}, unguided "
+        f"{t['class_consistency_guided_min']:.0%}) {ok['class_consistency_guided']}, unguided "
         f"{m['class_consistency_unguided']:.1%} (>= {t['class_consistency_unguided_min']:.0%}) "
-        f"{mark('class_consistency_unguided')}",
+        f"{ok['class_consistency_unguided']}",
         f"judge accuracy          {m['judge_accuracy']:.1%} on held-out digits through the codebook "
-        f"(real {m['judge_accuracy_real']:.1%})  {mark('judge_accuracy')}",
+        f"(real {m['judge_accuracy_real']:.1%})  {ok['judge_accuracy']}",
         f"novelty                 {min(m['novelty_guided'], m['novelty_unguided']):.1%} "
-        f"(all distinct: {met['all_distinct']})  {mark('novelty')}",
-        f"codebook MSE            {m['codebook_mse']:.3f} on held-out digits (0-16 scale)  {mark('codebook_mse')}",
+        f"(all distinct: {met['all_distinct']})  {ok['novelty']}",
+        f"codebook MSE            {m['codebook_mse']:.3f} on held-out digits (0-16 scale)  {ok['codebook_mse']}",
         f"time                    {report['timing_seconds']['total']:.1f} s "
         f"(codebook {report['timing_seconds']['codebook']:.1f}, train {report['timing_seconds']['train']:.1f}, "
         f"evaluate {report['timing_seconds']['evaluate']:.1f})",

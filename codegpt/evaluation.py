@@ -1,18 +1,11 @@
 """How good is a prior: held-out bits per code against a baseline, novelty, class consistency.
 
-- ``evaluate_prior``: everything below on one split, as ``codegpt eval`` and the demo report it.
-- ``evaluate``: held-out bits per code, the prior's mean negative log-likelihood per code on
-  held-out codes (training calls it every ``eval_every`` steps), and ``independent_baseline_bits``:
-  the same for a model that draws every position independently from its class-conditional
-  histogram (add-one smoothing). The ratio says how much the transformer gains from modelling
-  codes jointly.
-- ``novelty``: the fraction of sampled code grids that are not copies of a training grid, and
-  whether all samples are distinct. A prior that memorised its training set scores near 0.
-- ``class_consistency``: the fraction of decoded samples that a judge (a classifier trained on
-  real images) labels with the class they were sampled for. For the digits, ``fit_digit_judge``
-  trains scikit-learn's SVC on the training split's real pixels.
-
-Samples come from ``codegpt.runs.sample_classes``, the sampler training and ``codegpt sample`` use.
+``evaluate_prior`` measures everything on one split, as ``codegpt eval`` and the demo report it.
+The baseline (``independent_baseline_bits``) draws every position independently from its
+class-conditional histogram: the bits ratio says how much the transformer gains from modelling
+codes jointly. ``novelty`` is the fraction of samples that copy no training grid (a prior that
+memorised its training set scores near 0); ``class_consistency`` the fraction of decoded samples
+that a judge (e.g. ``fit_digit_judge``, an SVC on real digits) labels with their class.
 """
 
 from __future__ import annotations
@@ -56,13 +49,8 @@ def code_arrays(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def independent_baseline_bits(
-    train_codes: torch.Tensor,
-    train_classes: torch.Tensor | None,
-    eval_codes: torch.Tensor,
-    eval_classes: torch.Tensor | None,
-    codebook_size: int,
-    num_classes: int = 0,
-    alpha: float = 1.0,
+    train_codes: torch.Tensor, train_classes: torch.Tensor | None, eval_codes: torch.Tensor,
+    eval_classes: torch.Tensor | None, codebook_size: int, num_classes: int = 0, alpha: float = 1.0,
 ) -> float:
     """Bits per code of the independent-per-position model on ``eval_codes``.
 
@@ -103,23 +91,16 @@ def novelty(samples: torch.Tensor, train_codes: torch.Tensor) -> dict[str, Any]:
     samples = samples.reshape(samples.shape[0], -1).cpu().long()
     train_codes = train_codes.reshape(train_codes.shape[0], -1).cpu().long()
     if samples.shape[1] != train_codes.shape[1]:
-        raise ValueError(
-            f"samples have {samples.shape[1]} codes each but training grids {train_codes.shape[1]}"
-        )
+        raise ValueError(f"samples have {samples.shape[1]} codes each but training grids {train_codes.shape[1]}")
     seen = {row.tobytes() for row in train_codes.numpy()}
     keys = [row.tobytes() for row in samples.numpy()]
-    copies = sum(k in seen for k in keys)
-    unique = len(set(keys))
-    n = len(keys)
+    copies, unique, n = sum(k in seen for k in keys), len(set(keys)), len(keys)
     return {"novelty": 1.0 - copies / n, "distinct": unique / n, "all_distinct": unique == n}
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module,
-    dataset: Dataset,
-    accelerator: Accelerator | None = None,
-    batch_size: int = 256,
+    model: torch.nn.Module, dataset: Dataset, accelerator: Accelerator | None = None, batch_size: int = 256
 ) -> dict[str, float]:
     """Held-out loss of ``model`` on ``dataset``: mean nats and bits per code.
 
@@ -140,10 +121,7 @@ def evaluate(
     indices = list(range(rank, len(dataset), world))
     # A generator of its own: a DataLoader without one draws a seed from torch's global RNG on every
     # iteration, which would shift the dropout masks of the training steps that follow.
-    loader = DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-        generator=torch.Generator(),
-    )
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, generator=torch.Generator())
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nats, number of codes)
     for batch in loader:
         input_ids = batch["input_ids"].to(device)
@@ -152,10 +130,7 @@ def evaluate(
         with autocast():  # a fresh context each batch: these are single-use
             logits = module(input_ids=input_ids, classes=classes, use_cache=False).logits
         targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-        nats = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-            reduction="sum",
-        )
+        nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         total += torch.stack([nats.double(), (targets != -100).sum().double()])
     if world > 1:
         total = accelerator.reduce(total, reduction="sum")
@@ -201,36 +176,25 @@ def class_consistency(judge: Any, images: torch.Tensor | np.ndarray, classes: to
 
 
 def evaluate_prior(
-    model: GPT,
-    train_part: Dataset,
-    val_part: Dataset,
-    *,
-    samples_per_class: int = 100,
-    guidance_scale: float | None = 2.0,
-    seed: int = 0,
-    to_pixels: Any = None,
-    judge: Any = None,
-    held_out: dict[str, float] | None = None,
-    batch_size: int = 512,
+    model: GPT, train_part: Dataset, val_part: Dataset, *, samples_per_class: int = 100,
+    guidance_scale: float | None = 2.0, seed: int = 0, to_pixels: Any = None, judge: Any = None,
+    held_out: dict[str, float] | None = None, batch_size: int = 512,
 ) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
     """Every quality figure of a prior on one split, and the samples they were measured on.
 
-    Returns ``(metrics, samples)``. Metrics: ``bits_per_code`` and ``loss_nats`` on ``val_part``
-    (or ``held_out`` if already measured), ``baseline_bits_per_code`` (independent per-position
-    model), ``bits_ratio``; then for each sample set (``guided`` and ``unguided`` for a
-    class-conditional model, ``unconditional`` otherwise) ``novelty_<set>`` and
-    ``all_distinct_<set>``, and ``class_consistency_<set>`` when ``to_pixels`` (codes (B, H, W) ->
-    images) and ``judge`` (anything with ``predict``) are given. ``samples`` maps each set to
-    (codes (N, seq_len), classes or None).
+    Metrics: ``bits_per_code``, ``loss_nats`` (on ``val_part``, or ``held_out`` if given),
+    ``baseline_bits_per_code``, ``bits_ratio``; per sample set (``guided`` and ``unguided``, or
+    ``unconditional``) ``novelty_<set>``, ``all_distinct_<set>``, and ``class_consistency_<set>``
+    when ``to_pixels`` (codes (B, H, W) -> images) and ``judge`` (with ``predict``) are given.
+    ``samples`` maps each set to (codes (N, seq_len), classes or None).
     """
     config = model.config
     held_out = held_out or evaluate(model, val_part, batch_size=batch_size)
     train_codes, train_classes = code_arrays(train_part)
     val_codes, val_classes = code_arrays(val_part)
     num_classes = config.num_classes if config.class_conditional else 0
-    baseline = independent_baseline_bits(
-        train_codes, train_classes, val_codes, val_classes, config.codebook_size, num_classes
-    )
+    baseline = independent_baseline_bits(train_codes, train_classes, val_codes, val_classes, config.codebook_size,
+                                         num_classes)
     metrics: dict[str, Any] = {
         "bits_per_code": held_out["bits_per_code"],
         "loss_nats": held_out["loss_nats"],

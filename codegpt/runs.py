@@ -1,8 +1,7 @@
 """A training run's folder: its layout, its checkpoints, its metrics, loading its model, its samples.
 
-The one place that knows where things are in a run; training writes it, and the CLI, evaluation
-and the Hub push read it through these functions. The per-class sampler and the image grid that
-make ``samples.png`` live here too, for training and ``codegpt sample`` alike::
+The one place that knows where things are in a run: training writes it; the CLI, evaluation and the
+Hub push read it. The per-class sampler and image grid of ``samples.png`` live here too::
 
     run/
       training_args.json          the arguments, for the record
@@ -55,22 +54,14 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """The run's complete checkpoints as (step, folder), oldest first.
 
     Complete: a ``step-N`` folder whose ``trainer_state.json`` parses and says step N, and whose
     ``model/config.json`` exists.
     """
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    found = []
-    if not root.is_dir():
-        return found
-    for entry in root.iterdir():
+    root, found = Path(run_dir) / CHECKPOINTS_DIR, []
+    for entry in root.iterdir() if root.is_dir() else []:
         m = CHECKPOINT_RE.match(entry.name)
         if not m or not entry.is_dir() or not (entry / MODEL_DIR / "config.json").is_file():
             continue
@@ -93,11 +84,6 @@ def remove_partial_checkpoints(run_dir: str | os.PathLike) -> None:
     """Delete ``step-N.tmp`` folders: saves cut short by a kill."""
     for partial in (Path(run_dir) / CHECKPOINTS_DIR).glob("step-*.tmp"):
         shutil.rmtree(partial, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding and loading a model
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -136,22 +122,15 @@ def resolve_run(path: str | os.PathLike, what: str = "model_dir") -> RunFiles:
     metrics, run = None, None
     parent = model_dir.parent
     if CHECKPOINT_RE.match(parent.name) and (parent / STATE).is_file():
-        metrics = _checkpoint_metrics(parent, what)
-        run = parent.parent.parent
+        state = read_json(parent / STATE, what)
+        history = state.get("eval_history") or []
+        at_step = [e for e in history if isinstance(e, dict) and e.get("step") == state.get("step")]
+        metrics, run = (at_step[-1] if at_step else None), parent.parent.parent
     elif model_dir.name == MODEL_DIR and (parent / TRAINING_ARGS).is_file():
         run = parent
         metrics = read_metrics(run, what)
-    training_args = None
-    if run is not None and (run / TRAINING_ARGS).is_file():
-        training_args = read_json(run / TRAINING_ARGS, what)
-    return RunFiles(model_dir=model_dir, metrics=metrics, training_args=training_args)
-
-
-def _checkpoint_metrics(checkpoint: Path, what: str) -> dict[str, Any] | None:
-    state = read_json(checkpoint / STATE, what)
-    history = [e for e in state.get("eval_history") or [] if isinstance(e, dict)]
-    at_step = [e for e in history if e.get("step") == state.get("step")]
-    return at_step[-1] if at_step else None
+    has_args = run is not None and (run / TRAINING_ARGS).is_file()
+    return RunFiles(model_dir, metrics, read_json(run / TRAINING_ARGS, what) if has_args else None)
 
 
 def load_model(
@@ -170,14 +149,8 @@ def load_model(
     model_type = read_json(model_dir / "config.json", what).get("model_type")
     if model_type != GPTConfig.model_type:
         raise ValueError(f"{what}: {str(model_dir)!r} holds a {model_type!r} model, not a {GPTConfig.model_type!r} one")
-    target = resolve_device(device)
-    model = GPT.from_pretrained(model_dir, dtype="auto" if dtype is None else dtype)
-    return model.to(target).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
+    target = resolve_device(device)  # before the load: a bad device fails fast
+    return GPT.from_pretrained(model_dir, dtype="auto" if dtype is None else dtype).to(target).eval()
 
 
 def read_metrics(run_dir: str | os.PathLike, what: str = "run_dir") -> dict[str, Any] | None:
@@ -199,10 +172,6 @@ def append_log(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
     with open(Path(run_dir) / LOG, "a") as f:
         f.write(json.dumps(record) + "\n")
 
-
-# ---------------------------------------------------------------------------------------------
-# Samples: the one per-class sampler and the one image grid (training, `codegpt sample`, evaluation)
-# ---------------------------------------------------------------------------------------------
 
 # Images (B, h, w) or (B, h, w, 3) with values in [0, 1], from codes (B, H, W).
 Decoder = Callable[[torch.Tensor], "np.ndarray | torch.Tensor"]
@@ -246,16 +215,9 @@ def sample_classes(
     total = len(labels) if config.class_conditional else num_per_class
     for begin in range(0, total, batch_size):
         end = min(begin + batch_size, total)
-        tokens = generate(
-            model,
-            classes=labels[begin:end] if config.class_conditional else None,
-            num_samples=None if config.class_conditional else end - begin,
-            guidance_scale=guidance_scale,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-        )
+        tokens = generate(model, classes=labels[begin:end] if config.class_conditional else None,
+                          num_samples=None if config.class_conditional else end - begin, guidance_scale=guidance_scale,
+                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         chunks.append(tokens[:, 1:])  # drop the start token
     model.train(was_training)
     return torch.cat(chunks).cpu(), labels.cpu() if config.class_conditional else None
@@ -289,12 +251,10 @@ def save_image_grid(
     n, h, w, _ = images.shape
     if rows < 1 or n % rows:
         raise ValueError(f"rows must be >= 1 and divide the number of images {n}, got {rows}")
-    cols = n // rows
     images = np.clip(images, 0.0, 1.0).repeat(scale, axis=1).repeat(scale, axis=2)
-    H, W = h * scale, w * scale
-    canvas = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, 3), 0.5)
-    for i in range(n):
-        top, left = pad + (i // cols) * (H + pad), pad + (i % cols) * (W + pad)
-        canvas[top : top + H, left : left + W] = images[i]
+    # A gutter above and left of each image, tiles laid out row-major, then the bottom and right gutters.
+    tiles = np.pad(images, ((0, 0), (pad, 0), (pad, 0), (0, 0)), constant_values=0.5)
+    tiles = tiles.reshape(rows, n // rows, *tiles.shape[1:]).transpose(0, 2, 1, 3, 4)
+    canvas = np.pad(tiles.reshape(rows * tiles.shape[1], -1, 3), ((0, pad), (0, pad), (0, 0)), constant_values=0.5)
     picture = Image.fromarray((canvas * 255).round().astype(np.uint8))
     return atomic_write(path, lambda f: picture.save(f, format="PNG"))

@@ -1,8 +1,4 @@
-"""The training loop: one Accelerate loop for one CPU, one GPU or many processes.
-
-``train(args, model, train_dataset, eval_dataset)`` runs it; ``codegpt train`` and the demo are thin
-layers over it. Nothing here names a device: Accelerate picks it, and ``accelerate launch`` decides
-how many processes share the work::
+"""The training loop: one Accelerate loop for one CPU, one GPU or many processes (``accelerate launch``)::
 
     codegpt train --data codes --out run                                   # one process
     accelerate launch --multi_gpu --num_processes 4 -m codegpt train ...   # four GPUs
@@ -12,9 +8,8 @@ how many processes share the work::
 mpirun is configured; the multi-GPU launcher, which the example config selects, starts one process
 per rank, and on a machine without an accelerator they form a gloo group over the CPU.)
 
-The run folder it writes is described in ``codegpt.runs``. Resume is exact: the data order is a
-pure function of (seed, epoch), the position in the epoch is saved, and Accelerate restores the
-model, optimizer, scheduler and every RNG.
+Resume is exact: the data order is a pure function of (seed, epoch), the position in the epoch is
+saved, and Accelerate restores the model, optimizer, scheduler and every RNG (run folder: ``codegpt.runs``).
 """
 
 from __future__ import annotations
@@ -23,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,11 +46,6 @@ __all__ = [
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass
 class TrainingArguments:
     """What a training run does. Steps count optimizer updates, not micro-batches.
@@ -80,7 +70,7 @@ class TrainingArguments:
     seed: int = 0
     eval_every: int = 0
     eval_batch_size: int = 256
-    save_every: int = 0
+    save_every: int = 500  # a run keeps its work by default
     save_total_limit: int = 2
     sample_every: int = 0
     samples_per_class: int = 8  # columns of the sample grid (rows of 8 for an unconditional model)
@@ -139,25 +129,14 @@ class TrainResult:
         return self.eval_history[-1] if self.eval_history else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Optimizer and schedule
-# ---------------------------------------------------------------------------------------------
-
-
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices (weights and embeddings, dim >= 2), none on biases and norms.
 
     Every trainable parameter lands in exactly one group; a tied weight, shared by two modules,
     counts once.
     """
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():  # deduplicates tied parameters
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    grouped = [id(p) for p in decay + no_decay]
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    if len(grouped) != len(set(grouped)) or set(grouped) != trainable:
-        raise AssertionError("parameter groups must cover every trainable parameter exactly once")
+    trainable = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
+    decay, no_decay = [p for p in trainable if p.dim() >= 2], [p for p in trainable if p.dim() < 2]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -174,20 +153,6 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _make_schedule(args: TrainingArguments) -> Callable[[int], float]:
-    # A plain closure: LambdaLR stores no state for functions, so the scheduler's state_dict stays
-    # plain data (and loads with weights_only=True).
-    def schedule(step: int) -> float:
-        return lr_lambda(step, args.warmup_steps, args.max_steps, args.min_lr_ratio)
-
-    return schedule
-
-
-# ---------------------------------------------------------------------------------------------
-# Data order
-# ---------------------------------------------------------------------------------------------
-
-
 class EpochBatchSampler(Sampler[list[int]]):
     """This process's batches of one epoch, a pure function of (seed, epoch).
 
@@ -201,11 +166,8 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __init__(
         self, num_samples: int, batch_size: int, num_processes: int, process_index: int, seed: int
     ) -> None:
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.num_processes = num_processes
-        self.process_index = process_index
-        self.seed = seed
+        self.num_samples, self.batch_size, self.num_processes = num_samples, batch_size, num_processes
+        self.process_index, self.seed = process_index, seed
         self.global_batch = batch_size * num_processes
         if num_samples < self.global_batch:
             raise ValueError(
@@ -213,8 +175,7 @@ class EpochBatchSampler(Sampler[list[int]]):
                 f"(per_device_batch_size {batch_size} x {num_processes} processes = {self.global_batch}); "
                 "lower per_device_batch_size"
             )
-        self.epoch = 0
-        self.start = 0
+        self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch = epoch
@@ -244,13 +205,8 @@ class _DataStream:
         self.sampler.set_epoch(self.epoch, self.position)
         # An explicit generator: without it every new iterator draws its base seed from torch's
         # global RNG, which would shift dropout masks between an uninterrupted run and a resumed one.
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=self.sampler,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-        return iter(loader)
+        return iter(DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
+                               generator=torch.Generator().manual_seed(self.seed)))
 
     def next(self) -> dict[str, torch.Tensor]:
         try:
@@ -263,18 +219,8 @@ class _DataStream:
         return batch
 
 
-# ---------------------------------------------------------------------------------------------
-# Checks
-# ---------------------------------------------------------------------------------------------
-
-
-def check_compatible(
-    config: GPTConfig,
-    codebook_size: int,
-    grid_shape: Sequence[int],
-    num_classes: int,
-    where: str = "the dataset",
-) -> None:
+def check_compatible(config: GPTConfig, codebook_size: int, grid_shape: Sequence[int], num_classes: int,
+                     where: str = "the dataset") -> None:
     """Raise a ValueError saying what to fix when ``config`` cannot model ``where``'s codes."""
     H, W = (int(s) for s in grid_shape)
     problems = []
@@ -304,126 +250,6 @@ def config_for(
         vocab_size=dataset.vocab_size, seq_len=dataset.seq_len, class_conditional=conditional,
         num_classes=dataset.num_classes if conditional else 0, embd_dropout=dropout, resid_dropout=dropout, **kwargs
     )
-
-
-def _dataset_meta(dataset: Dataset) -> tuple[tuple[int, int] | None, int | None, int | None]:
-    """(grid, codebook size, number of classes) from a code dataset's metadata (a
-    ``codegpt.data.CodeDataset`` or a ``Subset`` of one); Nones for other datasets."""
-    base = dataset
-    while isinstance(base, torch.utils.data.Subset):
-        base = base.dataset
-    grid = getattr(base, "grid", None)
-    if grid is None:
-        return None, None, None
-    return (int(grid[0]), int(grid[1])), getattr(base, "codebook_size", None), getattr(base, "num_classes", None)
-
-
-def _optimizer_step(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    data: _DataStream,
-    args: TrainingArguments,
-) -> torch.Tensor:
-    """One update: ``gradient_accumulation_steps`` micro-batches, then clipping, AdamW and the
-    schedule. Returns the mean micro-batch loss (detached)."""
-    model.train()
-    device = accelerator.device
-    conditional = accelerator.unwrap_model(model).config.class_conditional
-    total = torch.zeros((), device=device)
-    for _ in range(args.gradient_accumulation_steps):
-        batch = data.next()
-        with accelerator.accumulate(model):  # no gradient sync across processes until the last
-            loss = model(
-                input_ids=batch["input_ids"].to(device),
-                labels=batch["labels"].to(device),
-                classes=batch["classes"].to(device) if conditional else None,
-                use_cache=False,
-            ).loss
-            accelerator.backward(loss)  # scaled by 1 / gradient_accumulation_steps
-            if accelerator.sync_gradients and args.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()  # a no-op until the last micro-batch
-            if accelerator.sync_gradients:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        total += loss.detach().float()
-    return total / args.gradient_accumulation_steps
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints and samples
-# ---------------------------------------------------------------------------------------------
-
-
-def _save_checkpoint(
-    accelerator: Accelerator, model: torch.nn.Module, out: Path, step: int, state: dict[str, Any], keep: int
-) -> Path:
-    """Write ``checkpoints/step-N`` (model, Accelerate state, trainer state last), keep the newest ``keep``."""
-    final = out / runs.CHECKPOINTS_DIR / runs.checkpoint_name(step)
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a kill mid-save
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / runs.MODEL_DIR)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / runs.STATE, state)
-        replace_dir(tmp, final)
-        for _, old in runs.complete_checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _restore(
-    accelerator: Accelerator, checkpoint: Path, global_batch: int
-) -> tuple[int, int, int, list[dict[str, float]]]:
-    """Load a checkpoint's model, optimizer, scheduler and RNG states; return where it stopped:
-    (step, epoch, samples consumed in that epoch, evaluations so far)."""
-    accelerator.load_state(str(checkpoint))
-    state = read_json(checkpoint / runs.STATE, "checkpoint")
-    if state.get("global_batch") != global_batch:
-        accelerator.print(
-            f"warning: the global batch changed since {checkpoint.name} ({state.get('global_batch')} -> "
-            f"{global_batch}); training goes on from the same sample but will not match the original run"
-        )
-    accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
-    return state["step"], state["epoch"], state["position"], state.get("eval_history", [])
-
-
-def _write_samples(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    args: TrainingArguments,
-    path: Path,
-    grid_shape: tuple[int, int],
-    decode: Decoder | None,
-) -> Path | None:
-    """Sample a grid on the main process (one row per class); the others wait. The sampler seeds a
-    generator of its own, so the training RNG stream is the same with or without samples."""
-    written = None
-    if accelerator.is_main_process:
-        module = accelerator.unwrap_model(model)
-        with accelerator.autocast():
-            codes, classes = runs.sample_classes(
-                module, args.samples_per_class, guidance_scale=args.sample_guidance_scale,
-                temperature=args.sample_temperature, seed=args.seed,
-            )
-        rows = module.config.num_classes if classes is not None else 1
-        images = runs.render_codes(codes, grid_shape, decode, module.config.codebook_size)
-        written = runs.save_image_grid(images, path, rows=rows)
-    accelerator.wait_for_everyone()
-    return written
-
-
-# ---------------------------------------------------------------------------------------------
-# Setting up
-# ---------------------------------------------------------------------------------------------
 
 
 def make_accelerator(args: TrainingArguments) -> Accelerator:
@@ -471,9 +297,14 @@ def _prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Pa
 
 def _grid_shape(config: GPTConfig, dataset: Dataset, grid_shape: tuple[int, int] | None) -> tuple[int, int]:
     """The code grid: given, else the dataset's (checked against the model), else square, else one row."""
-    data_grid, codebook_size, num_classes = _dataset_meta(dataset)
-    if data_grid is not None and codebook_size is not None:
-        check_compatible(config, codebook_size, data_grid, num_classes or 0)
+    base = dataset
+    while isinstance(base, torch.utils.data.Subset):
+        base = base.dataset
+    data_grid = getattr(base, "grid", None)  # a codegpt.data.CodeDataset knows its grid, codebook and classes
+    if data_grid is not None:
+        data_grid = (int(data_grid[0]), int(data_grid[1]))
+        if getattr(base, "codebook_size", None) is not None:
+            check_compatible(config, base.codebook_size, data_grid, getattr(base, "num_classes", None) or 0)
     grid_shape = grid_shape or data_grid
     if grid_shape is None:
         side = math.isqrt(config.seq_len)
@@ -483,42 +314,47 @@ def _grid_shape(config: GPTConfig, dataset: Dataset, grid_shape: tuple[int, int]
     return grid_shape
 
 
-def _prepare_model_for_device(model: GPT, device: torch.device) -> None:
-    """Swap in the CPU training kernels (same parameters, same state dict) when training on a CPU."""
-    if device.type == "cpu":
-        use_cpu_kernels(model)
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
-
-
 class _Loop:
     """A run between optimizer steps: where it is (step, data position, evaluations so far) and what
-    it does at each step (log, evaluate, sample, save)."""
+    it does at each step (update, log, evaluate, sample, save)."""
 
     def __init__(self, args: TrainingArguments, accelerator: Accelerator, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  data: _DataStream, eval_dataset: Dataset | None, step: int, eval_history: list[dict[str, float]],
-                 global_batch: int) -> None:
+                 global_batch: int, grid_shape: tuple[int, int], decode: Decoder | None) -> None:
         self.args, self.accelerator, self.model = args, accelerator, model
         self.optimizer, self.scheduler, self.data, self.eval_dataset = optimizer, scheduler, data, eval_dataset
         self.step, self.start_step, self.eval_history, self.global_batch = step, step, eval_history, global_batch
+        self.grid_shape, self.decode = grid_shape, decode
         self.out = Path(args.output_dir)
         self.bar = tqdm(total=args.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not (args.progress and accelerator.is_main_process))
 
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint saves besides Accelerate's state (``trainer_state.json``)."""
-        return {
-            "step": self.step,
-            "epoch": self.data.epoch,
-            "position": self.data.position,
-            "global_batch": self.global_batch,
-            "num_processes": self.accelerator.num_processes,
-            "eval_history": self.eval_history,
-        }
+    def optimizer_step(self) -> torch.Tensor:
+        """One update: ``gradient_accumulation_steps`` micro-batches, then clipping, AdamW and the
+        schedule. Returns the mean micro-batch loss (detached)."""
+        accelerator, model, device = self.accelerator, self.model, self.accelerator.device
+        model.train()
+        conditional = accelerator.unwrap_model(model).config.class_conditional
+        total = torch.zeros((), device=device)
+        for _ in range(self.args.gradient_accumulation_steps):
+            batch = self.data.next()
+            with accelerator.accumulate(model):  # no gradient sync across processes until the last
+                loss = model(
+                    input_ids=batch["input_ids"].to(device),
+                    labels=batch["labels"].to(device),
+                    classes=batch["classes"].to(device) if conditional else None,
+                    use_cache=False,
+                ).loss
+                accelerator.backward(loss)  # scaled by 1 / gradient_accumulation_steps
+                if accelerator.sync_gradients and self.args.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+                self.optimizer.step()  # a no-op until the last micro-batch
+                if accelerator.sync_gradients:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += loss.detach().float()
+        return total / self.args.gradient_accumulation_steps
 
     def evaluate(self) -> None:
         if self.eval_dataset is None:
@@ -532,16 +368,52 @@ class _Loop:
                            f"{metrics['bits_per_code']:.4f} bits per code")
 
     def save(self) -> None:
-        _save_checkpoint(self.accelerator, self.model, self.out, self.step, self.state(), self.args.save_total_limit)
+        """Write ``checkpoints/step-N`` (model, Accelerate state, trainer state last), keep the newest few."""
+        accelerator = self.accelerator
+        final = self.out / runs.CHECKPOINTS_DIR / runs.checkpoint_name(self.step)
+        tmp = final.with_name(final.name + ".tmp")
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over from a kill mid-save
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(self.model).save_pretrained(tmp / runs.MODEL_DIR)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": self.step, "epoch": self.data.epoch, "position": self.data.position,
+                     "global_batch": self.global_batch, "num_processes": accelerator.num_processes,
+                     "eval_history": self.eval_history}
+            write_json(tmp / runs.STATE, state)
+            replace_dir(tmp, final)
+            for _, old in runs.complete_checkpoints(self.out)[:-self.args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
 
-    def run(self, grid_shape: tuple[int, int], decode: Decoder | None) -> None:
+    def write_samples(self, path: Path) -> Path | None:
+        """Sample a grid on the main process (one row per class); the others wait. The sampler seeds a
+        generator of its own, so the training RNG stream is the same with or without samples."""
+        written, args = None, self.args
+        if self.accelerator.is_main_process:
+            module = self.accelerator.unwrap_model(self.model)
+            with self.accelerator.autocast():
+                codes, classes = runs.sample_classes(
+                    module, args.samples_per_class, guidance_scale=args.sample_guidance_scale,
+                    temperature=args.sample_temperature, seed=args.seed,
+                )
+            images = runs.render_codes(codes, self.grid_shape, self.decode, module.config.codebook_size)
+            written = runs.save_image_grid(images, path, rows=module.config.num_classes if classes is not None else 1)
+        self.accelerator.wait_for_everyone()
+        return written
+
+    def run(self) -> None:
         """Step until ``max_steps``, then evaluate and save the last step if not done yet."""
         args, accelerator = self.args, self.accelerator
         codes_per_step = self.global_batch * accelerator.unwrap_model(self.model).config.seq_len
         window_loss = torch.zeros((), device=accelerator.device)
         window_steps, window_start = 0, time.perf_counter()
         while self.step < args.max_steps:
-            window_loss += _optimizer_step(accelerator, self.model, self.optimizer, self.scheduler, self.data, args)
+            window_loss += self.optimizer_step()
             self.step += 1
             window_steps += 1
             self.bar.update(1)
@@ -556,8 +428,7 @@ class _Loop:
             if args.eval_every and step % args.eval_every == 0 and not last:
                 self.evaluate()
             if args.sample_every and step % args.sample_every == 0 and not last:
-                _write_samples(accelerator, self.model, args, self.out / f"samples-step-{step:06d}.png",
-                               grid_shape, decode)
+                self.write_samples(self.out / f"samples-step-{step:06d}.png")
             # Last in the step: the RNG state saved here is the one the next step starts from.
             if args.save_every and step % args.save_every == 0 and not last:
                 self.save()
@@ -580,18 +451,11 @@ def train(
 ) -> TrainResult:
     """Train a GPT prior on a code dataset and return where the results are.
 
-    Args:
-        args: the run (see :class:`TrainingArguments`).
-        model: a ``GPT``, or a ``GPTConfig`` to build one from after seeding (so the initial
-            weights depend on ``args.seed`` only).
-        train_dataset: items ``{"input_ids": (seq_len+1,), "labels": (seq_len+1,), "classes": ()}``
-            as yielded by :class:`codegpt.data` datasets.
-        eval_dataset: held-out items of the same form; evaluated every ``eval_every`` steps and at
-            the end, in nats and bits per code.
-        decode: turns codes (B, H, W) into images (B, h, w[, 3]) in [0, 1] for the sample grid;
-            without it each code is drawn as one coloured cell.
-        grid_shape: (H, W) of the code grid; default the dataset's, else square, else one row.
-        accelerator: an ``Accelerator`` to use; by default one is made from ``args``.
+    ``model`` is a ``GPT``, or a ``GPTConfig`` built after seeding (initial weights depend on
+    ``args.seed`` only). The datasets yield ``codegpt.data`` items; ``eval_dataset`` is scored every
+    ``eval_every`` steps and at the end. ``decode`` turns codes (B, H, W) into images in [0, 1] for
+    the sample grid (default: one coloured cell per code); ``grid_shape`` defaults to the dataset's,
+    else square, else one row; ``accelerator`` defaults to ``make_accelerator(args)``.
     """
     if not isinstance(args, TrainingArguments):
         raise TypeError(f"args must be a TrainingArguments, got {type(args).__name__}")
@@ -613,11 +477,16 @@ def train(
         raise TypeError(f"model must be a GPT or a GPTConfig, got {type(model).__name__}")
     grid_shape = _grid_shape(model.config, train_dataset, grid_shape)
     model.train()
-    _prepare_model_for_device(model, accelerator.device)
+    if accelerator.device.type == "cpu":
+        use_cpu_kernels(model)  # same parameters, same state dict; removed again at the end
     optimizer = torch.optim.AdamW(
         parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_epsilon
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _make_schedule(args))
+    # A plain function: LambdaLR saves no state for one, so the scheduler's state_dict stays plain data
+    # (and loads with weights_only=True).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_lambda(step, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     sampler = EpochBatchSampler(
@@ -625,19 +494,28 @@ def train(
     )
     global_batch = sampler.global_batch * args.gradient_accumulation_steps
     step, epoch, position, eval_history = 0, 0, 0, []  # position: samples consumed in the epoch
-    if resume_from is not None:
-        step, epoch, position, eval_history = _restore(accelerator, resume_from, global_batch)
+    if resume_from is not None:  # model, optimizer, scheduler and every RNG, then where the data stopped
+        accelerator.load_state(str(resume_from))
+        state = read_json(resume_from / runs.STATE, "checkpoint")
+        step, epoch, position, eval_history = state["step"], state["epoch"], state["position"], state["eval_history"]
+        if state["global_batch"] != global_batch:
+            accelerator.print(f"warning: the global batch changed since {resume_from.name} ({state['global_batch']} "
+                              f"-> {global_batch}); training goes on from the same sample but will not match the "
+                              "original run")
+        accelerator.print(f"resumed from {resume_from} at step {step}")
     else:
         set_seed(args.seed, device_specific=True)  # different dropout on each process, same on every restart
     if accelerator.is_main_process:
-        write_json(out / runs.TRAINING_ARGS, args.to_dict())
+        # mixed_precision=None means what Accelerate is configured with: record what it chose.
+        write_json(out / runs.TRAINING_ARGS, {**args.to_dict(), "mixed_precision": accelerator.mixed_precision})
         # The log holds this run's evaluations up to where it starts: none, or the checkpoint's
         # (a run killed after an evaluation but before its next checkpoint repeats that step).
         runs.write_log(out, eval_history)
 
     data = _DataStream(train_dataset, sampler, args.num_workers, args.seed, epoch, position)
-    loop = _Loop(args, accelerator, model, optimizer, scheduler, data, eval_dataset, step, eval_history, global_batch)
-    loop.run(grid_shape, decode)
+    loop = _Loop(args, accelerator, model, optimizer, scheduler, data, eval_dataset, step, eval_history, global_batch,
+                 grid_shape, decode)
+    loop.run()
 
     model_dir = out / runs.MODEL_DIR
     if accelerator.is_main_process:
@@ -646,6 +524,6 @@ def train(
         accelerator.unwrap_model(model).save_pretrained(tmp)
         replace_dir(tmp, model_dir)
     accelerator.wait_for_everyone()
-    samples = _write_samples(accelerator, model, args, out / runs.SAMPLES, grid_shape, decode)
+    samples = loop.write_samples(out / runs.SAMPLES)
     remove_cpu_kernels(accelerator.unwrap_model(model))  # the caller's model as it came, plain modules
     return TrainResult(out, model_dir, loop.step, resume_from, eval_history, samples)
