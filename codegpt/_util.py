@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "atomic_write", "write_text", "write_json", "save_safetensors", "replace_dir", "read_json", "as_tensor",
-    "check_int", "check_float", "check_choice", "check_path", "resolve_device",
+    "atomic_write", "write_text", "write_json", "save_safetensors", "replace_dir", "read_json", "check_format",
+    "as_tensor", "check_int", "check_float", "check_choice", "check_path", "resolve_device",
 ]
 
 
@@ -121,6 +121,15 @@ def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{what}: {str(path)!r} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def check_format(file: str | os.PathLike, meta: Mapping[str, Any], name: str, version: int) -> None:
+    """Raise unless metadata ``meta`` (read from ``file``) says ``"format": name`` at ``"format_version": version``."""
+    if meta.get("format") != name:
+        raise ValueError(f'{file} is not {name} metadata (expected "format": "{name}", got {meta.get("format")!r})')
+    if meta.get("format_version") != version:
+        raise ValueError(f"{file}: format_version {meta.get('format_version')!r} is not supported "
+                         f"(this codegpt reads version {version})")
 
 
 # ---------------------------------------------------------------------------------------------

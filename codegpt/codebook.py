@@ -39,7 +39,9 @@ from ._util import (
     as_tensor,
     check_choice,
     check_float,
+    check_format,
     check_int,
+    read_json,
     replace_dir,
     save_safetensors,
     write_json,
@@ -413,44 +415,52 @@ class Codebook(
         save_safetensors(Path(save_directory) / WEIGHTS_NAME, centroids, metadata={"format": FORMAT})
 
     @classmethod
-    def _from_pretrained(
+    def from_pretrained(  # type: ignore[override]
         cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
         *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        proxies: dict | None = None,  # passed by huggingface_hub < 1.0 only
-        resume_download: bool | None = None,  # passed by huggingface_hub < 1.0 only
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
         map_location: str | torch.device = "cpu",
-        **model_kwargs: Any,
     ) -> Codebook:
-        # Overrides the mixin's loader: safetensors only (no pickle fallback), and a clear error
-        # for a folder that is not a saved codebook.
-        if "num_codes" not in model_kwargs or "dim" not in model_kwargs:
-            raise FileNotFoundError(
-                f"{model_id}: no {CONFIG_NAME} with num_codes and dim; not a saved Codebook"
+        """Load a saved codebook from a folder or a Hub repo id: safetensors only, never a pickle.
+
+        `subfolder` is the codebook's folder inside the repo or folder (`codegpt push` ships a
+        prior's codebook in "codebook"); `revision` pins a Hub branch, tag or commit.
+        """
+        source = str(pretrained_model_name_or_path)
+        where = os.path.join(source, subfolder or "")
+
+        def fetch(filename: str) -> str:
+            if os.path.isdir(source):
+                if not os.path.isfile(os.path.join(where, filename)):
+                    raise FileNotFoundError(f"{where}: no {filename}; not a saved Codebook")
+                return os.path.join(where, filename)
+            return hf_hub_download(
+                source, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                force_download=force_download, local_files_only=local_files_only, token=token,
             )
-        if os.path.isdir(model_id):
-            weights = os.path.join(model_id, WEIGHTS_NAME)
-            if not os.path.isfile(weights):
-                raise FileNotFoundError(f"{model_id}: no {WEIGHTS_NAME}; not a saved Codebook")
-        else:
-            weights = hf_hub_download(
-                repo_id=model_id, filename=WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
-                force_download=force_download, token=token, local_files_only=local_files_only,
-            )
+
+        config_file = fetch(CONFIG_NAME)
+        config = read_json(config_file, "pretrained_model_name_or_path")
+        check_format(config_file, config, FORMAT, FORMAT_VERSION)
+        weights = fetch(WEIGHTS_NAME)
+        try:
+            codebook = cls(config.get("num_codes"), config.get("dim"),  # type: ignore[arg-type]
+                           **{key: config[key] for key in ("metric", "seed", "description") if key in config})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{config_file}: {err}") from None
         try:
             tensors = load_file(weights, device=str(map_location))
         except SafetensorError as err:
             raise ValueError(f"{weights} is not a readable safetensors file: {err}") from None
-        codebook = cls(**model_kwargs)
         centroids = tensors.get("centroids")
         if centroids is None or set(tensors) != {"centroids"}:
-            raise ValueError(f"{weights} must hold exactly one tensor 'centroids', "
-                             f"got {sorted(tensors)}")
+            raise ValueError(f"{weights} must hold exactly one tensor 'centroids', got {sorted(tensors)}")
         if tuple(centroids.shape) != (codebook.num_codes, codebook.dim):
             raise ValueError(
                 f"{weights} holds centroids of shape {tuple(centroids.shape)} but {CONFIG_NAME} "

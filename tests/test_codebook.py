@@ -224,3 +224,36 @@ def test_invalid_inputs_raise_clear_errors():
         Codebook.from_centroids(torch.zeros(3))
     with pytest.raises(TypeError, match="real numbers"):
         Codebook.fit(np.zeros((4, 2), dtype=bool), 2, progress=False)
+
+
+def test_load_from_a_subfolder_and_check_the_format(tmp_path, monkeypatch):
+    codebook = Codebook.from_centroids(torch.arange(6.0).reshape(3, 2), description="shipped")
+    codebook.save_pretrained(tmp_path / "codebook")  # as `codegpt push` ships it next to a prior
+    loaded = Codebook.from_pretrained(tmp_path, subfolder="codebook")
+    assert torch.equal(loaded.centroids, codebook.centroids) and loaded.description == "shipped"
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Codebook.from_pretrained(tmp_path, subfolder="elsewhere")
+
+    # a repo id goes through the Hub cache with the subfolder and revision asked for
+    calls = []
+
+    def download(repo_id, filename, *, subfolder, revision, **kwargs):
+        calls.append((repo_id, filename, subfolder, revision))
+        return str(tmp_path / subfolder / filename)
+
+    monkeypatch.setattr(codebook_module, "hf_hub_download", download)
+    from_hub = Codebook.from_pretrained("user/prior", subfolder="codebook", revision="v1")
+    assert torch.equal(from_hub.centroids, codebook.centroids)
+    assert calls == [("user/prior", name, "codebook", "v1") for name in ("config.json", "model.safetensors")]
+
+    config_file = tmp_path / "codebook" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "format_version": 2}))
+    with pytest.raises(ValueError, match="format_version 2 is not supported"):
+        Codebook.from_pretrained(tmp_path / "codebook")
+    config_file.write_text(json.dumps({**config, "format": "something.else"}))
+    with pytest.raises(ValueError, match='expected "format": "codegpt.codebook"'):
+        Codebook.from_pretrained(tmp_path / "codebook")
+    config_file.write_text(json.dumps({**config, "num_codes": 0}))
+    with pytest.raises(ValueError, match="config.json: num_codes must be >= 1, got 0"):
+        Codebook.from_pretrained(tmp_path / "codebook")
