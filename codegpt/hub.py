@@ -1,23 +1,13 @@
 """Share a trained prior on the Hugging Face Hub: the model card and the upload.
 
-Read top to bottom:
+``render_model_card`` fills huggingface_hub's ``ModelCardData`` (its ``model-index`` from
+``EvalResult``s) and renders the top-level ``model_card.md`` template with ``ModelCard.from_template``;
+``prepare_upload_folder`` writes exactly the folder ``push_to_hub`` uploads (weights, ``config.json``
+with ``auto_map``, the two remote-code files, ``generation_config.json``, ``README.md``, and the
+codebook in ``codebook/``). The ``codegpt push`` command is in ``codegpt.cli``.
 
-1. what goes on a card (``CardInfo``, the metrics of ``select_metrics``) and into
-   ``generation_config.json`` (``SamplingSettings``);
-2. ``render_model_card``: huggingface_hub's ``ModelCardData`` (with the ``model-index`` built from
-   ``EvalResult``s) rendered through the top-level ``model_card.md`` template by
-   ``ModelCard.from_template``;
-3. ``prepare_upload_folder``: exactly the folder that gets uploaded: the weights (safetensors),
-   ``config.json`` with ``auto_map``, the two remote-code files, ``generation_config.json``,
-   ``README.md``, and the codebook in ``codebook/`` when there is one;
-4. ``push_to_hub``: that folder, uploaded; then the card pinned to the commit it made;
-5. ``load_codebook``: the codebook shipped in a repo's ``codebook/``.
-
-The model is found and loaded by ``codegpt.runs`` (a run folder, a checkpoint, or any
-``save_pretrained`` folder). The ``codegpt push`` command is in ``codegpt.cli``.
-
-Tokens: this module never writes or logs a token. The functions accept ``token=`` and otherwise
-leave it to huggingface_hub (``HF_TOKEN``, or the login stored by ``hf auth login``).
+Tokens: this module never writes or logs one; ``token=`` or huggingface_hub's own lookup
+(``HF_TOKEN``, ``hf auth login``) supplies it.
 """
 
 from __future__ import annotations
@@ -29,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +27,7 @@ from typing import Any
 import huggingface_hub
 import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import __version__
 from . import sampling as _sampling
@@ -44,7 +35,6 @@ from ._util import read_json, replace_dir, write_text
 from .codebook import Codebook
 from .configuration_codegpt import GPTConfig
 from .data import _read_metadata  # private: data.py's one reader of dataset.json
-from .modeling_codegpt import GPT
 from .runs import load_model, resolve_run
 
 __all__ = [
@@ -52,8 +42,7 @@ __all__ = [
     "prepare_upload_folder", "push_to_hub", "render_model_card", "run_sampling", "select_metrics", "upload_file_names",
 ]
 
-# The oldest and newest transformers releases the remote-code files are tested against (.ci/compat.sh
-# runs the model and remote-code tests on the first, the main CI on the second).
+# The oldest and newest transformers releases the remote-code files are tested against (.ci/compat.sh).
 TESTED_TRANSFORMERS = ("4.57.6", "5.24.0")
 MIN_TORCH = "2.4"
 
@@ -77,11 +66,9 @@ _LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 # A revision is pasted into Python code on the card: a branch, tag or commit name, never a quote.
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
-# The figures codegpt computes: held-out likelihood (codegpt.training) and those of
-# codegpt.evaluation.evaluate_prior (and so of `codegpt demo`'s metrics.json). Other metrics a
-# user passes are shown under their own key.
+# Names of the figures codegpt computes (codegpt.training, codegpt.evaluation.evaluate_prior) whose
+# key alone would not say what they measure; other keys are shown capitalised.
 _METRIC_NAMES = {
-    "bits_per_code": "Bits per code",
     "loss_nats": "Cross-entropy (nats per code)",
     "baseline_bits_per_code": "Bits per code of an independent per-position baseline",
     "bits_ratio": "Bits per code / baseline's",
@@ -89,8 +76,6 @@ _METRIC_NAMES = {
     "class_consistency_unguided": "Class consistency, unguided samples (judged)",
     "novelty_guided": "Novelty, guided samples (not a training image)",
     "novelty_unguided": "Novelty, unguided samples (not a training image)",
-    "distinct_guided": "Distinct guided samples",
-    "distinct_unguided": "Distinct unguided samples",
     "judge_accuracy": "Judge accuracy, held-out images through the codebook",
     "judge_accuracy_real": "Judge accuracy, real held-out images",
     "codebook_mse": "Codebook reconstruction MSE, held out",
@@ -104,16 +89,11 @@ _BOOKKEEPING = re.compile(
     r"tokens_per_second|lr|learning_rate|grad_norm|num_tokens|num_codes|num_samples|world_size|seed)$"
 )
 _SPLIT_PREFIXES = {"eval_": "validation", "val_": "validation", "valid_": "validation", "test_": "test"}
-# Training arguments about where and how a run was launched, not about the model: a card leaves
-# them out (output_dir would also publish a local path).
+# Training arguments about where and how a run was launched, not about the model (output_dir would
+# also publish a local path).
 _OPERATIONAL_ARGS = frozenset(
     {"output_dir", "overwrite_output_dir", "resume", "progress", "num_workers", "log_every", "logging_dir"}
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# What goes on a card and into generation_config.json
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -142,6 +122,10 @@ class SamplingSettings:
     def guided(self) -> bool:
         return self.guidance_scale is not None and self.guidance_scale != 1
 
+    @property
+    def nucleus(self) -> bool:
+        return self.top_p is not None and self.top_p < 1
+
     def generation_kwargs(self) -> dict[str, Any]:
         """The ``GenerationConfig`` fields these settings set."""
         if self.temperature == 0:
@@ -150,7 +134,7 @@ class SamplingSettings:
         else:
             # top_k stated even when off: generate() adds top_k=50 on its own when it is unset.
             kwargs = {"do_sample": True, "temperature": float(self.temperature), "top_k": int(self.top_k or 0)}
-            if self.top_p is not None and self.top_p < 1:
+            if self.nucleus:
                 kwargs["top_p"] = float(self.top_p)
         if self.guided:
             kwargs["guidance_scale"] = float(self.guidance_scale)
@@ -158,14 +142,11 @@ class SamplingSettings:
 
     def summary(self, class_conditional: bool = True) -> str:
         """One line for the card, e.g. ``temperature 1, top-k off, top-p off, guidance off``."""
-        if self.temperature == 0:
-            parts = ["greedy (do_sample=False)"]
-        else:
-            parts = [
-                f"temperature {float(self.temperature):g}",
-                f"top-k {self.top_k}" if self.top_k else "top-k off",
-                f"top-p {float(self.top_p):g}" if self.top_p is not None and self.top_p < 1 else "top-p off",
-            ]
+        parts = ["greedy (do_sample=False)"] if self.temperature == 0 else [
+            f"temperature {float(self.temperature):g}",
+            f"top-k {self.top_k}" if self.top_k else "top-k off",
+            f"top-p {float(self.top_p):g}" if self.nucleus else "top-p off",
+        ]
         if class_conditional:
             parts.append(f"guidance scale {float(self.guidance_scale):g}" if self.guided else "guidance off")
         return ", ".join(parts)
@@ -233,17 +214,14 @@ def select_metrics(metrics: Mapping[str, Any], default_split: str = "validation"
     """
     if not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a mapping of metric name to number, got {type(metrics).__name__}")
-    record: Mapping[str, Any] = metrics
-    for key in ("final", "eval", "metrics"):
-        if isinstance(metrics.get(key), Mapping):
-            record = metrics[key]
-            break
-    else:
-        history = metrics.get("history")
-        if isinstance(history, list):
-            rows = [row for row in history if isinstance(row, Mapping) and _quality_items(row, default_split)]
-            record = rows[-1] if rows else {}
-    return _quality_items(record, default_split)
+    nested = [metrics[key] for key in ("final", "eval", "metrics") if isinstance(metrics.get(key), Mapping)]
+    if nested:
+        return _quality_items(nested[0], default_split)
+    history = metrics.get("history")
+    if isinstance(history, list):
+        rows = [row for row in history if isinstance(row, Mapping) and _quality_items(row, default_split)]
+        return _quality_items(rows[-1], default_split) if rows else []
+    return _quality_items(metrics, default_split)
 
 
 def _quality_items(record: Mapping[str, Any], default_split: str) -> list[EvalMetric]:
@@ -255,12 +233,9 @@ def _quality_items(record: Mapping[str, Any], default_split: str) -> list[EvalMe
             continue  # nested records, strings and flags are not metrics
         if not math.isfinite(value):
             raise ValueError(f"metrics[{raw_key!r}] must be a finite number, got {value!r}")
-        key, split = raw_key, default_split
-        for prefix, name in _SPLIT_PREFIXES.items():
-            if raw_key.startswith(prefix):
-                key, split = raw_key[len(prefix) :], name
-                break
-        out.append(EvalMetric(key=key, value=float(value), split=split))
+        prefix = next((p for p in _SPLIT_PREFIXES if raw_key.startswith(p)), "")
+        split = _SPLIT_PREFIXES.get(prefix, default_split)
+        out.append(EvalMetric(key=raw_key[len(prefix) :], value=float(value), split=split))
     return sorted(out, key=lambda m: (m.split, m.key))
 
 
@@ -277,26 +252,7 @@ def _eval_sampling_from(metrics: Mapping[str, Any] | None) -> str | None:
     return text
 
 
-# ---------------------------------------------------------------------------------------------
-# The card
-# ---------------------------------------------------------------------------------------------
-
-
-def _default_template() -> Path:
-    # A wheel carries the template inside the package (a link in a source checkout).
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "model_card.md", here.parent / "model_card.md"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        "template_path: codegpt's model_card.md template was not found next to the package; "
-        "pass template_path (codegpt push --template FILE)"
-    )
-
-
 def _check_repo_id(repo_id: object, name: str = "repo_id") -> str:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not isinstance(repo_id, str):
         raise TypeError(f"{name} must be a str such as 'org/name', got {type(repo_id).__name__}")
     try:
@@ -306,12 +262,11 @@ def _check_repo_id(repo_id: object, name: str = "repo_id") -> str:
     return repo_id
 
 
-def _check_text(name: str, value: object) -> str | None:
+def _check_text(name: str, value: object) -> None:
     if value is not None and not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     if value is not None and not value.strip():
         raise ValueError(f"{name} must not be empty")
-    return value
 
 
 def _cell(text: str) -> str:
@@ -373,69 +328,26 @@ def _class_names(config: GPTConfig, names: Sequence[str] | None) -> list[str] | 
     return None if names == [str(i) for i in range(len(names))] else [_cell(n) for n in names]
 
 
-def _decoder_text(config: GPTConfig, codebook: Any | None, decoder: str | None) -> str:
-    if codebook is not None:
-        if getattr(codebook, "num_codes", None) != config.codebook_size:
-            raise ValueError(
-                f"codebook has {getattr(codebook, 'num_codes', None)} codes but the model's codebook_size is "
-                f"{config.codebook_size}; a prior only decodes with the codebook it was trained on"
-            )
-        return decoder or "turn the latents into pixels with the decoder of the autoencoder the codebook was fitted on."
-    if decoder is None:
+def _decoder_text(config: GPTConfig, codebook: Codebook | None, decoder: str | None) -> str:
+    if codebook is None and decoder is None:
         raise ValueError(
             "decoder: a card must say what turns the codes into pixels; ship the codebook "
             "(codebook_dir / --codebook) or describe the decoder (CardInfo.decoder / --decoder)"
         )
-    return decoder
+    if codebook is not None and getattr(codebook, "num_codes", None) != config.codebook_size:
+        raise ValueError(
+            f"codebook has {getattr(codebook, 'num_codes', None)} codes but the model's codebook_size is "
+            f"{config.codebook_size}; a prior only decodes with the codebook it was trained on"
+        )
+    return decoder or "turn the latents into pixels with the decoder of the autoencoder the codebook was fitted on."
 
 
-def render_model_card(
-    config: GPTConfig,
-    *,
-    repo_id: str,
-    info: CardInfo | None = None,
-    sampling: SamplingSettings | None = None,
-    metrics: Mapping[str, Any] | None = None,
-    training_args: Mapping[str, Any] | None = None,
-    codebook: Any | None = None,
-    num_parameters: int | None = None,
-    revision: str | None = None,
-    eval_sampling: str | None = None,
-    template_path: str | os.PathLike[str] | None = None,
-) -> Any:
-    """Render the model card (a ``huggingface_hub.ModelCard``) of a trained prior.
-
-    Args:
-        config: the model's ``GPTConfig``.
-        repo_id: ``org/name`` the card's code snippets load from.
-        info: license, data, class names, grid and decoder (see ``CardInfo``).
-        sampling: the recommended sampling settings (as saved in ``generation_config.json``).
-        metrics: a run's metrics record (see ``select_metrics``); its quality metrics go into the
-            card's table and its ``model-index``.
-        training_args: the run's training settings, shown as a table (secrets left out).
-        codebook: the ``codegpt.codebook.Codebook`` shipped in ``codebook/``, if any.
-        num_parameters: shown on the card when known.
-        revision: the commit the card's snippets pin; ``None`` shows ``main`` with a note to pin one.
-        eval_sampling: the sampling settings behind sample-based metrics (FID and the like), if any.
-        template_path: a Jinja template instead of codegpt's ``model_card.md``; it is given the
-            card data's fields and the names ``render_model_card`` passes (an unknown name is an error).
-
-    Raises:
-        TypeError, ValueError: for a missing or malformed input, naming it.
-        FileNotFoundError: for a missing template.
-    """
-    import jinja2  # what ModelCard.from_template renders with; optional, as in huggingface_hub
-    import jinja2.meta
-
+def _check_card_inputs(config: GPTConfig, info: CardInfo, sampling: SamplingSettings, revision: str | None) -> None:
     if not isinstance(config, GPTConfig):
         raise TypeError(f"config must be a codegpt GPTConfig, got {type(config).__name__}")
-    repo_id = _check_repo_id(repo_id)
-    info = CardInfo() if info is None else info
-    if not isinstance(info, CardInfo):
-        raise TypeError(f"info must be a CardInfo, got {type(info).__name__}")
-    sampling = SamplingSettings() if sampling is None else sampling
-    if not isinstance(sampling, SamplingSettings):
-        raise TypeError(f"sampling must be a SamplingSettings, got {type(sampling).__name__}")
+    for name, value, cls in (("info", info, CardInfo), ("sampling", sampling, SamplingSettings)):
+        if not isinstance(value, cls):
+            raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
     sampling.check(config)
     if not isinstance(info.license, str) or not _LICENSE.match(info.license):
         raise ValueError(
@@ -448,40 +360,92 @@ def render_model_card(
         _check_repo_id(info.base_model, "base_model")
     if revision is not None and (not isinstance(revision, str) or not _REVISION.match(revision)):
         raise ValueError(f"revision must be a branch, tag or commit sha such as 'main', got {revision!r}")
-    grid = _grid(config, info.grid_shape)
-    class_names = _class_names(config, info.class_names)
-    decoder = _decoder_text(config, codebook, info.decoder)
 
-    results = select_metrics(metrics, info.dataset_split) if metrics is not None else []
-    if metrics is not None and not results:
+
+def _results(metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: str | None) -> tuple[list, str | None]:
+    """The card's quality metrics, and the sampling settings behind the sample-based ones."""
+    if metrics is None:
+        return [], eval_sampling
+    results = select_metrics(metrics, info.dataset_split)
+    if not results:
         raise ValueError(
             f"metrics holds no quality metric (finite numbers such as 'eval_bits_per_code'), "
             f"got keys {sorted(map(str, metrics))}"
         )
     sample_based = [m.key for m in results if _SAMPLE_BASED.search(m.key)]
-    if sample_based and eval_sampling is None:
-        eval_sampling = _eval_sampling_from(metrics)
+    eval_sampling = eval_sampling or (_eval_sampling_from(metrics) if sample_based else None)
     if sample_based and eval_sampling is None:
         raise ValueError(
             f"eval_sampling: the sample-based metrics {sample_based} need the sampling settings they were "
             "measured with (eval_sampling / --eval-sampling, e.g. 'temperature 1, top-k off, guidance 2, "
             "100 samples per class')"
         )
-    _check_text("eval_sampling", eval_sampling)
-    if results and info.dataset_id is None:
+    if info.dataset_id is None:
         raise ValueError(
             "dataset_id: evaluation results need the id of the data they were measured on "
             "(CardInfo.dataset_id / --dataset-id), e.g. 'sklearn-digits'"
         )
+    return results, eval_sampling
+
+
+def _template(template_path: str | os.PathLike[str] | None) -> tuple[Path, str]:
+    if template_path is None:
+        # A wheel carries the template inside the package (a link in a source checkout).
+        here = Path(__file__).resolve().parent
+        template_path = next((p for p in (here / "model_card.md", here.parent / "model_card.md") if p.is_file()),
+                             here / "model_card.md")
+    path = Path(template_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"template_path: no such file {str(path)!r} (codegpt push --template FILE)")
+    return path, path.read_text(encoding="utf-8")
+
+
+def render_model_card(
+    config: GPTConfig,
+    *,
+    repo_id: str,
+    info: CardInfo | None = None,
+    sampling: SamplingSettings | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    training_args: Mapping[str, Any] | None = None,
+    codebook: Codebook | None = None,
+    num_parameters: int | None = None,
+    revision: str | None = None,
+    eval_sampling: str | None = None,
+    template_path: str | os.PathLike[str] | None = None,
+) -> ModelCard:
+    """Render the model card (a ``huggingface_hub.ModelCard``) of a trained prior.
+
+    ``repo_id`` and ``revision`` go into the card's snippets (``None``: ``main``, with a note to pin
+    one); ``info`` says what the config cannot (see ``CardInfo``); ``sampling`` the recommended
+    settings of ``generation_config.json``; ``metrics`` a run's record (see ``select_metrics``),
+    whose quality metrics fill a table and the ``model-index``; ``training_args`` a table (secrets and
+    local paths left out); ``codebook`` the ``Codebook`` shipped in ``codebook/``; ``eval_sampling``
+    the settings behind sample-based metrics. ``template_path`` replaces codegpt's ``model_card.md``:
+    it sees the card data's fields and the names passed here (an unknown name is an error).
+
+    Raises ``TypeError``/``ValueError`` naming a missing or malformed input, and ``FileNotFoundError``
+    for a missing template.
+    """
+    import jinja2.meta  # what ModelCard.from_template renders with; optional, as in huggingface_hub
+
+    repo_id = _check_repo_id(repo_id)
+    info = CardInfo() if info is None else info
+    sampling = SamplingSettings() if sampling is None else sampling
+    _check_card_inputs(config, info, sampling, revision)
+    grid = _grid(config, info.grid_shape)
+    class_names = _class_names(config, info.class_names)
+    decoder = _decoder_text(config, codebook, info.decoder)
+    results, eval_sampling = _results(metrics, info, eval_sampling)
+    _check_text("eval_sampling", eval_sampling)
 
     model_name = info.model_name or repo_id.split("/")[-1]
     dataset_name = info.dataset_name or info.dataset_id
-    conditional = ["class-conditional"] if config.class_conditional else []
     card_data = ModelCardData(
         license=info.license,
         library_name="transformers",
         pipeline_tag=PIPELINE_TAG,
-        tags=list(dict.fromkeys([*_BASE_TAGS, *conditional, *info.tags])),
+        tags=list(dict.fromkeys([*_BASE_TAGS, *["class-conditional"][: config.class_conditional], *info.tags])),
         datasets=[info.dataset_id] if info.dataset_id else None,
         metrics=sorted({m.key for m in results}) or None,
         base_model=info.base_model,
@@ -506,33 +470,16 @@ def render_model_card(
         num_classes=config.num_classes,
         **({"grid": list(grid)} if grid is not None else {}),
     )
-    context = {
-        "config": config,
-        "model_name": model_name,
-        "description": info.description or "",
-        "codegpt_version": __version__,
-        "repo_id": repo_id,
-        "revision": revision,
-        "grid": grid,
-        "class_names": class_names,
-        "example_classes": list(range(min(4, config.num_classes))),
-        "num_parameters": _format_count(num_parameters) if num_parameters else "not recorded",
-        "codebook": codebook,
-        "decoder": decoder,
-        "sampling_summary": sampling.summary(config.class_conditional),
-        "metrics": results,
-        "eval_sampling": eval_sampling,
-        "dataset_name": dataset_name,
-        "dataset_id": info.dataset_id,
-        "training_args": _training_rows(training_args),
-        "transformers_range": " and ".join(TESTED_TRANSFORMERS),
-        "min_torch": MIN_TORCH,
-    }
+    context = dict(
+        config=config, model_name=model_name, description=info.description or "", codegpt_version=__version__,
+        repo_id=repo_id, revision=revision, grid=grid, class_names=class_names, codebook=codebook, decoder=decoder,
+        num_parameters=_format_count(num_parameters) if num_parameters else "not recorded",
+        sampling_summary=sampling.summary(config.class_conditional), metrics=results, eval_sampling=eval_sampling,
+        dataset_name=dataset_name, dataset_id=info.dataset_id, training_args=_training_rows(training_args),
+        transformers_range=" and ".join(TESTED_TRANSFORMERS), min_torch=MIN_TORCH,
+    )
 
-    path = Path(template_path) if template_path is not None else _default_template()
-    if not path.is_file():
-        raise FileNotFoundError(f"template_path: no such file {str(path)!r}")
-    template = path.read_text(encoding="utf-8")
+    path, template = _template(template_path)
     # from_template renders with Jinja's lenient defaults: a misspelt name would vanish silently.
     try:
         names = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
@@ -551,22 +498,15 @@ def render_model_card(
     return card
 
 
-# ---------------------------------------------------------------------------------------------
-# The upload folder
-# ---------------------------------------------------------------------------------------------
-
-
 def upload_file_names(with_codebook: bool) -> list[str]:
     """Every file an upload folder holds, as paths relative to it, sorted."""
-    names = [README_NAME, *_MODEL_FILES]
-    if with_codebook:
-        names += [f"{CODEBOOK_DIR}/{name}" for name in _CODEBOOK_FILES]
-    return sorted(names)
+    codebook = [f"{CODEBOOK_DIR}/{name}" for name in _CODEBOOK_FILES] if with_codebook else []
+    return sorted([README_NAME, *_MODEL_FILES, *codebook])
 
 
 def _with_dataset(info: CardInfo, data_dir: str | os.PathLike[str], config: GPTConfig) -> CardInfo:
-    """``info`` with the blanks (grid, class names, dataset name) filled from a code dataset folder,
-    after checking it fits the model."""
+    """``info`` with the blanks (grid, class names, dataset name) filled from a code dataset folder
+    that fits the model."""
     meta = _read_metadata(Path(data_dir))
     if meta["codebook_size"] != config.codebook_size:
         raise ValueError(
@@ -583,17 +523,6 @@ def _with_dataset(info: CardInfo, data_dir: str | os.PathLike[str], config: GPTC
     )
 
 
-@dataclass
-class _Prepared:
-    """A loaded model and codebook, and the card (a function of the revision it pins), checked once
-    before anything is written and reused for the push."""
-
-    model: GPT
-    codebook: Codebook | None
-    sampling: SamplingSettings
-    card: Callable[..., ModelCard]
-
-
 def _prepare(
     model_dir: str | os.PathLike[str],
     *,
@@ -606,7 +535,9 @@ def _prepare(
     data_dir: str | os.PathLike[str] | None = None,
     eval_sampling: str | None = None,
     template_path: str | os.PathLike[str] | None = None,
-) -> _Prepared:
+) -> tuple[Any, Codebook | None, SamplingSettings, functools.partial]:
+    """The model, codebook, sampling settings and card (a function of the revision it pins), each
+    checked before anything is written."""
     run = resolve_run(model_dir)
     model = load_model(run.model_dir, device="cpu")
     # Explicit inputs win over what the run recorded; an empty mapping means "none".
@@ -627,12 +558,13 @@ def _prepare(
         training_args=training_args, codebook=codebook, num_parameters=model.num_parameters(),
         eval_sampling=eval_sampling, template_path=template_path,
     )
-    card(revision=None)  # every card input is checked before anything is written
-    return _Prepared(model, codebook, sampling, card)
+    card(revision=None)
+    return model, codebook, sampling, card
 
 
-def _write_folder(prepared: _Prepared, out_dir: Path, revision: str | None, overwrite: bool) -> Path:
-    model, cfg = prepared.model, prepared.model.config
+def _write_folder(prepared: tuple, out_dir: Path, revision: str | None, overwrite: bool) -> Path:
+    model, codebook, sampling, card = prepared
+    cfg = model.config
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"out_dir: {str(out_dir)!r} exists and is not empty (pass overwrite=True / --overwrite)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -646,27 +578,24 @@ def _write_folder(prepared: _Prepared, out_dir: Path, revision: str | None, over
         gen.max_length = cfg.seq_len + 1
         for key in ("do_sample", "temperature", "top_k", "top_p", "guidance_scale"):
             setattr(gen, key, None)  # settings from an earlier push must not linger
-        gen.update(**prepared.sampling.generation_kwargs())
+        gen.update(**sampling.generation_kwargs())
         gen._from_model_config = False  # hand-set now: generate() must not re-derive it from config.json
         gen.validate()
         model.save_pretrained(tmp)
-        if prepared.codebook is not None:
-            prepared.codebook.save_pretrained(tmp / CODEBOOK_DIR)
+        if codebook is not None:
+            codebook.save_pretrained(tmp / CODEBOOK_DIR)
             (tmp / CODEBOOK_DIR / README_NAME).unlink(missing_ok=True)  # the repo has one card: the model's
-        write_text(tmp / README_NAME, str(prepared.card(revision=revision)))
-
+        write_text(tmp / README_NAME, str(card(revision=revision)))
         written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        expected = upload_file_names(prepared.codebook is not None)
-        if written != expected:
+        if written != upload_file_names(codebook is not None):
             # Only the listed files may ever be uploaded (never optimizer state, never a token).
             raise RuntimeError(
-                f"the upload folder holds {written}, expected exactly {expected}; "
+                f"the upload folder holds {written}, expected exactly {upload_file_names(codebook is not None)}; "
                 f"transformers {transformers.__version__} may save more files than codegpt knows"
             )
         replace_dir(tmp, out_dir)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -679,40 +608,24 @@ def prepare_upload_folder(
     overwrite: bool = False,
     **kwargs: Any,
 ) -> Path:
-    """Write exactly the folder ``push_to_hub`` uploads (``upload_file_names``) to ``out_dir``.
+    """Write exactly the folder ``push_to_hub`` uploads (``upload_file_names``) to ``out_dir``; return it.
 
     The model is loaded and saved anew: nothing else in its folder (optimizer or Accelerate state)
-    is carried along, and the code files and ``auto_map`` are the installed codegpt's. The folder is
-    built in a temporary sibling and renamed into place: ``out_dir`` is either complete or absent.
+    is carried along, and the code files and ``auto_map`` are the installed codegpt's. ``out_dir`` is
+    built in a temporary sibling and renamed into place; it must not exist or be empty unless ``overwrite``.
 
-    Args:
-        model_dir: a training run folder, one of its checkpoints, or any ``save_pretrained`` folder
-            (see ``codegpt.runs.resolve_run``); a run also gives the metrics and training arguments.
-        out_dir: where the folder goes; it must not exist or be empty unless ``overwrite``.
-        repo_id: the repo the card's snippets load from.
-        revision: the commit the card pins, when known.
-        overwrite: replace an existing ``out_dir``.
-        info, eval_sampling, template_path: see ``render_model_card``.
-        metrics, training_args: override what the run recorded; ``{}`` leaves them off the card.
-        sampling: the recommended settings written to ``generation_config.json``: a
-            ``SamplingSettings``, or a mapping of single settings that replace the run's own (by
-            default the temperature and guidance the run drew its sample grids with).
-        codebook_dir: a saved ``Codebook`` to ship in ``codebook/``.
-        data_dir: the code dataset the model was trained on: checked against the model, and the
-            source of the card's grid, class names and dataset name where ``info`` leaves them blank.
-
-    Returns:
-        ``out_dir`` as a ``Path``.
+    ``model_dir`` is a training run folder, one of its checkpoints, or any ``save_pretrained`` folder
+    (``codegpt.runs.resolve_run``); a run also gives the metrics and training arguments, which
+    ``metrics=``/``training_args=`` override (``{}`` leaves them off the card). ``sampling`` is a
+    ``SamplingSettings`` or a mapping of single settings replacing the run's own (the temperature and
+    guidance it drew its sample grids with). ``codebook_dir`` is a saved ``Codebook`` to ship;
+    ``data_dir`` the code dataset trained on, checked against the model and filling the card's grid,
+    class names and dataset name where ``info`` leaves them blank. ``revision``, ``info``,
+    ``eval_sampling``, ``template_path``: see ``render_model_card``.
     """
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
-    prepared = _prepare(model_dir, repo_id=repo_id, **kwargs)
-    return _write_folder(prepared, Path(out_dir), revision, overwrite)
-
-
-# ---------------------------------------------------------------------------------------------
-# The push
-# ---------------------------------------------------------------------------------------------
+    return _write_folder(_prepare(model_dir, repo_id=repo_id, **kwargs), Path(out_dir), revision, overwrite)
 
 
 def push_to_hub(
@@ -728,29 +641,22 @@ def push_to_hub(
 ) -> str:
     """Upload a trained prior to ``repo_id`` and return the sha of the commit that holds it.
 
-    The uploaded files are exactly those of ``prepare_upload_folder`` (``--dry-run`` shows them);
-    files of an earlier push that could contradict them (weights, shards, code, the codebook) are
-    deleted in the same commit. With ``pin_revision`` a second commit then changes only README.md,
-    so that the card's snippets load ``revision=<that sha>``: code and weights exactly as uploaded.
-
-    Args:
-        token: a Hub token; ``None`` lets huggingface_hub find one (``HF_TOKEN``, or the login stored
-            by ``hf auth login``). It is never written to disk or logged.
-        api: an ``huggingface_hub.HfApi`` to use instead of a new one (tests pass a fake).
-        private: create the repo private (an existing repo keeps its visibility).
-        kwargs: info, sampling, metrics, training_args, codebook_dir, data_dir, eval_sampling,
-            template_path: see ``prepare_upload_folder``.
+    The uploaded files are exactly those of ``prepare_upload_folder`` (which takes the same
+    ``kwargs``); files of an earlier push that could contradict them (weights, shards, code, the
+    codebook) are deleted in the same commit. With ``pin_revision`` a second commit then changes only
+    README.md, so that the card's snippets load ``revision=<that sha>``: code and weights as uploaded.
+    ``private`` applies to a new repo only; ``token`` (never written or logged) and ``api`` (an
+    ``HfApi``; tests pass a fake) default to huggingface_hub's own.
     """
     repo_id = _check_repo_id(repo_id)
     _check_text("commit_message", commit_message)
     prepared = _prepare(model_dir, repo_id=repo_id, **kwargs)
+    model, card = prepared[0], prepared[3]
+    message = commit_message or f"Upload codegpt prior ({_format_count(model.num_parameters())} parameters)"
     api = huggingface_hub.HfApi(token=token) if api is None else api
     with tempfile.TemporaryDirectory(prefix="codegpt-push-") as tmp:
         folder = _write_folder(prepared, Path(tmp) / "upload", revision=None, overwrite=False)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        message = commit_message or (
-            f"Upload codegpt prior ({_format_count(prepared.model.num_parameters())} parameters)"
-        )
         commit = api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
@@ -758,21 +664,15 @@ def push_to_hub(
             commit_message=message,
             delete_patterns=_STALE_PATTERNS,
         )
-    sha = commit.oid
     if pin_revision:
         api.upload_file(
-            path_or_fileobj=str(prepared.card(revision=sha)).encode("utf-8"),
+            path_or_fileobj=str(card(revision=commit.oid)).encode("utf-8"),
             path_in_repo=README_NAME,
             repo_id=repo_id,
             repo_type="model",
-            commit_message=f"Model card: pin revision {sha[:10]}",
+            commit_message=f"Model card: pin revision {commit.oid[:10]}",
         )
-    return sha
-
-
-# ---------------------------------------------------------------------------------------------
-# The codebook of a repo
-# ---------------------------------------------------------------------------------------------
+    return commit.oid
 
 
 def load_codebook(
@@ -782,27 +682,18 @@ def load_codebook(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     token: str | None = None,
-) -> Any:
-    """The ``Codebook`` shipped with a prior, from a folder or a Hub repo id (cache-aware).
-
-    ``repo_or_path`` is an upload folder or a repo id (its ``codebook/`` subfolder is used), or a
-    saved codebook folder itself. ``codebook.decode(codes)`` then maps codes to latents; with
-    ``HF_HUB_OFFLINE=1`` a repo id is read from the local cache.
-    """
+) -> Codebook:
+    """The ``Codebook`` shipped with a prior: ``repo_or_path`` is an upload folder or a Hub repo id
+    (its ``codebook/`` subfolder, cache-aware: ``HF_HUB_OFFLINE=1`` reads the local cache), or a saved
+    codebook folder itself. ``codebook.decode(codes)`` then maps codes to latents."""
     if not isinstance(repo_or_path, (str, os.PathLike)):
         raise TypeError(f"repo_or_path must be a repo id or a path, got {type(repo_or_path).__name__}")
     path = Path(repo_or_path)
     if not path.is_dir():
-        path = Path(
-            huggingface_hub.snapshot_download(
-                _check_repo_id(str(repo_or_path)),
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-                allow_patterns=[f"{CODEBOOK_DIR}/*"],
-            )
-        )
+        path = Path(huggingface_hub.snapshot_download(
+            _check_repo_id(str(repo_or_path)), revision=revision, cache_dir=cache_dir,
+            local_files_only=local_files_only, token=token, allow_patterns=[f"{CODEBOOK_DIR}/*"],
+        ))
     for candidate in (path / CODEBOOK_DIR, path):
         config = candidate / "config.json"
         if config.is_file() and "num_codes" in read_json(config, "repo_or_path"):
