@@ -17,13 +17,12 @@ import argparse
 import json
 from pathlib import Path
 
-from codegpt import GPTConfig
 from codegpt.codebook import Codebook
 from codegpt.data import CodeDataset
 from codegpt.digits import codes_to_images, digits_code_dataset, load_digits_images, patch_decoder
 from codegpt.evaluation import evaluate_prior, fit_digit_judge
 from codegpt.runs import load_model
-from codegpt.training import TrainingArguments, make_accelerator, train
+from codegpt.training import TrainingArguments, config_for, make_accelerator, train
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,19 +69,8 @@ def main() -> None:
     codebook = Codebook.from_pretrained(out / "codebook")
     train_part, val_part = dataset.split(0.2, seed=cli.seed)
 
-    config = GPTConfig(
-        vocab_size=dataset.vocab_size,
-        seq_len=dataset.seq_len,
-        embed_dim=128,
-        num_layers=4,
-        num_heads=4,
-        embd_dropout=0.25,
-        resid_dropout=0.25,
-        class_conditional=True,
-        num_classes=dataset.num_classes,
-        class_dropout_prob=0.05,
-        tie_word_embeddings=True,
-    )
+    config = config_for(dataset, dropout=0.25, embed_dim=128, num_layers=4, num_heads=4, class_dropout_prob=0.05,
+                        tie_word_embeddings=True)  # the demo's prior
     result = train(
         args, config, train_part, val_part,
         decode=patch_decoder(codebook, patch=2),

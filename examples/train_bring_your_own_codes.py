@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from codegpt import GPT, GPTConfig
+from codegpt import GPT
 from codegpt.data import CodeDataset, write_code_dataset
 from codegpt.evaluation import evaluate_prior
 from codegpt.runs import render_codes, save_image_grid
 from codegpt.sampling import generate, to_grid
-from codegpt.training import TrainingArguments, make_accelerator, train
+from codegpt.training import TrainingArguments, config_for, make_accelerator, train
 
 
 def synthetic_codes(n: int = 2000, size: int = 8, codebook_size: int = 64, seed: int = 0):
@@ -83,15 +83,8 @@ def main() -> None:
     dataset = CodeDataset(out / "data")  # validates every code and label
     train_part, val_part = dataset.split(0.1, seed=0)
 
-    config = GPTConfig(
-        vocab_size=dataset.vocab_size,  # codebook_size + the start token
-        seq_len=dataset.seq_len,
-        embed_dim=cli.embed_dim,
-        num_layers=cli.layers,
-        num_heads=cli.heads,
-        class_conditional=dataset.num_classes > 0,
-        num_classes=dataset.num_classes,
-    )
+    # Vocabulary (codebook_size + the start token), sequence length and classes from the dataset.
+    config = config_for(dataset, embed_dim=cli.embed_dim, num_layers=cli.layers, num_heads=cli.heads)
     result = train(args, config, train_part, val_part, grid_shape=dataset.grid, accelerator=accelerator)
 
     if accelerator.is_main_process:

@@ -97,6 +97,18 @@ def test_bf16_autocast_runs_on_cpu(tmp_path, learnable_dataset, tiny_config):
     assert model.lm_head.weight.dtype == torch.float32
 
 
+def test_defaults_keep_a_checkpoint_and_record_the_precision_accelerate_chose(tmp_path, learnable_dataset,
+                                                                              tiny_config, monkeypatch):
+    """A run that names neither leaves a checkpoint at its last step (a user's work is not lost by
+    default) and, with mixed_precision=None, records the precision Accelerate was configured with."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    dataset = learnable_dataset(tmp_path / "data", n=32)
+    kw = dict(output_dir=tmp_path / "run", max_steps=3, per_device_batch_size=8, progress=False, mixed_precision=None)
+    result = train(TrainingArguments(**kw), tiny_config(dataset, **DROPOUT), dataset)
+    assert newest_checkpoint(result.output_dir).name == "step-000003"
+    assert json.loads((result.output_dir / "training_args.json").read_text())["mixed_precision"] == "bf16"
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, learnable_dataset, tiny_config, fresh_accelerate_state):
     """Two micro-batches of 8 with accumulation = one batch of 16: the same samples per update (the
     data order depends on the global batch only) and the same mean loss. No dropout, so no RNG."""
