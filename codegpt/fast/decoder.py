@@ -1,16 +1,10 @@
 """The KV-cache decoder behind ``codegpt.generate``: ``prefill`` a prompt, then one ``step`` per token.
 
-``KVDecoder(model, batch_size, classes, length)`` picks one of two paths, once, at construction:
-
-- ``FastDecoder`` when it knows every part of the model (``unknown_part(model)`` is None): the model's
-  own modules, in the order its blocks call them, driven over a cache preallocated for the whole image
-  with CPU-friendly kernels (below);
-- ``ModelDecoder`` otherwise: the model's own forward over a transformers ``DynamicCache``. Hooks,
-  adapters (LoRA), quantised layers or weights spread over devices then work as the model computes
-  them, more slowly.
-
-Both return the last position's logits ``(B, vocab_size)`` and run without dropout whatever
-``model.training`` says: sampling is inference.
+``KVDecoder(model, batch_size, classes, length)`` picks one of two paths, once: ``FastDecoder``, the
+model's own modules over a cache preallocated for the whole image, when it knows every part of the model
+(``unknown_part(model)`` is None); else ``ModelDecoder``, the model's forward over a ``DynamicCache``, so
+that hooks, adapters (LoRA), quantised layers or weights spread over devices work, more slowly. Both run
+in eval mode (sampling is inference) and return the last position's logits ``(B, vocab_size)``.
 
 Why a fast path of our own rather than ``model(..., cache=DynamicCache())``: the image length is known
 up front, so the cache can be allocated once and written in place (a ``DynamicCache`` concatenates,
@@ -23,98 +17,71 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, PretrainedConfig
+from transformers import DynamicCache
 
 from .. import modeling_codegpt as modeling
 
 __all__ = ["KVDecoder", "FastDecoder", "ModelDecoder", "plain_kind", "unknown_part"]
 
-# ---------------------------------------------------------------------------------------------
-# What the fast path knows
-# ---------------------------------------------------------------------------------------------
-
-# Torch classes whose computation the fast path repeats with functional ops from their weights.
-_TORCH_CLASSES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.GELU, nn.Dropout)
-
-
-# The model's own classes, each known as itself: the fast path repeats what their forwards compose
-# (exact classes only: a subclass may compose differently).
-_MODEL_CLASSES = {
-    cls: cls
-    for cls in (nn.ModuleList, modeling.GPT, modeling.ClassEmbedding, modeling.CausalSelfAttention,
-                modeling.MLP, modeling.TransformerBlock)
-}
+# The classes whose computation the fast path repeats: torch's with functional ops from their
+# weights, the model's own by composing their parts as their forwards do (exact classes only: a
+# subclass may compute differently).
+_KNOWN = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.GELU, nn.Dropout, nn.ModuleList, modeling.GPT,
+          modeling.ClassEmbedding, modeling.CausalSelfAttention, modeling.MLP, modeling.TransformerBlock)
 
 
 def plain_kind(module: nn.Module) -> type | None:
-    """The class whose computation ``module`` is known to be, or ``None`` for an unknown module.
-
-    Known: exactly one of ``nn.Linear``/``nn.LayerNorm``/``nn.Embedding``/``nn.GELU``/``nn.Dropout``;
-    the model's own attention, MLP, block, class-embedding and model classes; and a subclass of one of
-    those torch classes that declares, in its own body, ``plain_base = <that torch class>`` (a CPU
-    kernel that computes the same function, e.g. ``codegpt.fast.kernels``). The declaration is not
-    inherited: a subclass of such a kernel (a LoRA layer built on it, say) is unknown again.
-    """
+    """The known class whose computation ``module`` is, or ``None``: its own class, or the class a
+    subclass declares in its own body as ``plain_base = <known class>`` (a CPU kernel that computes the
+    same function, e.g. ``codegpt.fast.kernels``). The declaration is not inherited: a subclass of such
+    a kernel (a LoRA layer built on it, say) is unknown again."""
     cls = type(module)
-    if cls in _TORCH_CLASSES:
-        return cls
-    base = cls.__dict__.get("plain_base")
-    if base in _TORCH_CLASSES and issubclass(cls, base):
-        return base
-    return _MODEL_CLASSES.get(cls)
+    base = cls.__dict__.get("plain_base", cls)
+    return base if base in _KNOWN and issubclass(cls, base) else None
 
 
-def _roles(model: nn.Module) -> Iterator[tuple[str, nn.Module | None, type]]:
-    """``(where, module, kind)`` for every module whose weights or composition the fast path reads
-    (``where`` as ``model.get_submodule`` takes it)."""
-    yield "wte", model.wte, nn.Embedding
-    yield "wpe", model.wpe, nn.Embedding
-    if model.cls_emb is not None:
-        yield "cls_emb", model.cls_emb, modeling.ClassEmbedding
-    for i, block in enumerate(model.h):
-        attn, mlp = block.attn, block.mlp
-        yield f"h.{i}", block, modeling.TransformerBlock
-        yield f"h.{i}.ln_1", block.ln_1, nn.LayerNorm
-        yield f"h.{i}.attn", attn, modeling.CausalSelfAttention
-        yield f"h.{i}.attn.qkv", attn.qkv, nn.Linear
-        yield f"h.{i}.attn.proj", attn.proj, nn.Linear
-        yield f"h.{i}.ln_2", block.ln_2, nn.LayerNorm
-        yield f"h.{i}.mlp", mlp, modeling.MLP
-        yield f"h.{i}.mlp.fc", mlp.fc, nn.Linear
-        yield f"h.{i}.mlp.act", mlp.act, nn.GELU
-        yield f"h.{i}.mlp.proj", mlp.proj, nn.Linear
-    yield "ln_f", model.ln_f, nn.LayerNorm
-    yield "lm_head", model.lm_head, nn.Linear
+def _expected_kinds(cfg) -> dict[str, type]:
+    """Every module the model is built with, by name (as ``named_modules`` gives it), with its kind."""
+    kinds = {"": modeling.GPT, "wte": nn.Embedding, "wpe": nn.Embedding, "drop": nn.Dropout, "h": nn.ModuleList,
+             "ln_f": nn.LayerNorm, "lm_head": nn.Linear}
+    if cfg.class_conditional:
+        kinds["cls_emb"] = modeling.ClassEmbedding
+    block = {"": modeling.TransformerBlock, ".ln_1": nn.LayerNorm, ".attn": modeling.CausalSelfAttention,
+             ".attn.qkv": nn.Linear, ".attn.proj": nn.Linear, ".attn.resid_dropout": nn.Dropout,
+             ".ln_2": nn.LayerNorm, ".mlp": modeling.MLP, ".mlp.fc": nn.Linear, ".mlp.act": nn.GELU,
+             ".mlp.proj": nn.Linear, ".mlp.dropout": nn.Dropout}
+    for i in range(cfg.num_layers):
+        kinds.update((f"h.{i}{name}", kind) for name, kind in block.items())
+    return kinds
 
 
 def unknown_part(model: nn.Module) -> str | None:
     """Why the fast path cannot drive ``model``, in words (the first thing it does not know), or
-    ``None`` when it knows every part: the model is codegpt's ``GPT``, every module is known (see
-    ``plain_kind``) and sits where the model expects its kind, no module has forward hooks or a patched
-    forward, and the weights are plain tensors of one dtype on one device."""
+    ``None`` when it knows every part: the model is codegpt's ``GPT`` with exactly the modules it is
+    built with, each of its kind (see ``plain_kind``), none with forward hooks or a patched forward,
+    and the weights are plain tensors of one dtype on one device."""
     if type(model) is not modeling.GPT:
         return f"the model is a {type(model).__qualname__}, not codegpt's GPT"
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return "global forward hooks are registered (torch.nn.modules.module.register_module_forward_hook)"
+    expected = _expected_kinds(model.config)
     for name, module in model.named_modules():
-        where = name or "the model"
-        if plain_kind(module) is None:
-            return f"{where} is a {type(module).__qualname__}, a module class the fast path does not know"
+        where, kind = name or "the model", expected.pop(name, None)
+        if kind is None or plain_kind(module) is not kind:
+            has = f"where the model has a {kind.__qualname__}" if kind else "a module the model is not built with"
+            return f"{where} is a {type(module).__qualname__}, {has}"
         # Hooks (accelerate's offloading, PEFT's adapters, user probes) or a forward set on the
         # instance may change what the module computes; the fast path would bypass them.
         if module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
             return f"{where} has forward hooks or a patched forward"
-    for where, module, kind in _roles(model):
-        if module is None or plain_kind(module) is not kind:
-            return f"{where} is a {type(module).__qualname__}, where the model has a {kind.__qualname__}"
-        if kind is nn.Embedding and module.max_norm is not None:
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
             return f"{where} renormalises its rows (max_norm={module.max_norm})"
+    if expected:
+        return f"the model has no {next(iter(expected))}"
     params = dict(model.named_parameters())
     devices = {p.device for p in params.values()}
     if len(devices) != 1 or next(iter(devices)).type == "meta":
@@ -128,33 +95,17 @@ def unknown_part(model: nn.Module) -> str | None:
     return None
 
 
-def _codegpt_config(model: nn.Module) -> PretrainedConfig:
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "model_type", None) != "codegpt":
-        raise TypeError(f"the decoder needs a codegpt GPT, got {type(model).__name__}")
-    return cfg
-
-
 def input_device(model: nn.Module) -> torch.device:
     """Where a model's inputs go: its first parameter's device (CPU when every weight is on the meta
     device, i.e. offloaded: accelerate's hooks then move the inputs themselves)."""
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
-# ---------------------------------------------------------------------------------------------
-# The interface, and the choice of path
-# ---------------------------------------------------------------------------------------------
-
-
 class KVDecoder:
-    """Runs a codegpt GPT token by token over a KV cache.
-
-    ``KVDecoder(model, batch_size, classes, length)`` builds a ``FastDecoder`` when it knows every part
-    of ``model`` and a ``ModelDecoder`` otherwise (``decoder.fast`` says which; a ``ModelDecoder``'s
-    ``fallback_reason`` says why). Both compute what the model's forward computes, in eval mode.
-
-    Build and run it under ``torch.inference_mode()`` (as ``generate`` does), or autograd records
-    every step.
+    """Runs a codegpt GPT token by token over a KV cache, in eval mode: a ``FastDecoder`` when it knows
+    every part of ``model``, else a ``ModelDecoder`` (``decoder.fast`` says which; a ``ModelDecoder``'s
+    ``fallback_reason`` says why). Build and run it under ``torch.inference_mode()`` (as ``generate``
+    does), or autograd records every step.
 
     Args:
         model: a codegpt ``GPT``.
@@ -174,17 +125,17 @@ class KVDecoder:
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt ``(B, T)`` from position 0; returns the last position's logits ``(B, V)``."""
-        raise NotImplementedError
+        return self._forward(input_ids, 0)
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Feed one token per row ``(B,)`` at position ``pos``; returns its logits ``(B, V)``."""
-        raise NotImplementedError
+        return self._forward(tokens[:, None], pos)
 
-    def _setup(
-        self, model: nn.Module, batch_size: int, classes: torch.Tensor | None, length: int | None
-    ) -> tuple[PretrainedConfig, torch.Tensor | None]:
-        """What both paths share: shapes, the device, and the classes (the null class by default)."""
-        cfg = _codegpt_config(model)
+    def _setup(self, model: nn.Module, batch_size: int, classes: torch.Tensor | None, length: int | None):
+        """What both paths share: the config, shapes, the device, and the classes (the null class by default)."""
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "model_type", None) != "codegpt":
+            raise TypeError(f"the decoder needs a codegpt GPT, got {type(model).__name__}")
         self.B, self.P = batch_size, min(length or cfg.seq_len + 1, cfg.seq_len + 1)
         self.device = input_device(model)
         if cfg.class_conditional and classes is None:
@@ -196,29 +147,10 @@ class KVDecoder:
             raise ValueError(f"position {end - 1} is beyond the cache's {self.P} positions")
 
 
-# ---------------------------------------------------------------------------------------------
-# The fallback: the model's own forward
-# ---------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode (no dropout, no class dropout) for the block, every module's mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 class ModelDecoder(KVDecoder):
     """The model's own forward over a transformers ``DynamicCache``: whatever its modules, hooks or
     adapters compute, at the cost of a concatenating cache and a full module dispatch per step.
-
-    ``step`` must continue where the cache ends (``pos`` = tokens fed so far), as ``generate`` does.
-    """
+    ``step`` must continue where the cache ends (``pos`` = tokens fed so far), as ``generate`` does."""
 
     fast = False
 
@@ -228,34 +160,29 @@ class ModelDecoder(KVDecoder):
         _, self.classes = self._setup(model, batch_size, classes, length)
         self.model = model
         self.fallback_reason = unknown_part(model)
-        # transformers' convention: the head runs on the last position only (a prefill's (B, T, V)
-        # logits would be mostly thrown away). A model without the argument computes them all.
+        # The head on the last position only, where the model's forward takes transformers' argument.
         forward_params = inspect.signature(model.forward).parameters
         self.head_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in forward_params else {}
         self.cache: DynamicCache | None = None
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.cache = DynamicCache()
-        return self._forward(input_ids, 0)
-
-    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        if self.cache is None:
-            raise ValueError("step() before prefill(): prefill first")
-        return self._forward(tokens[:, None], pos)
+        return super().prefill(input_ids)
 
     def _forward(self, idx: torch.Tensor, pos: int) -> torch.Tensor:
+        if self.cache is None:
+            raise ValueError("step() before prefill(): prefill first")
         self._check_end(pos + idx.shape[1])
         filled = self.cache.get_seq_length()
         if pos != filled:
             raise ValueError(f"pos={pos}, but the model's cache holds {filled} positions: step at pos={filled}")
-        with _eval_mode(self.model):
-            out = self.model(idx, classes=self.classes, cache=self.cache, use_cache=True, **self.head_kwargs)
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:  # in eval mode (no dropout, no class dropout), every module's own mode restored after
+            out = self.model.eval()(idx, classes=self.classes, cache=self.cache, use_cache=True, **self.head_kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
         return out.logits[:, -1].to(self.device)
-
-
-# ---------------------------------------------------------------------------------------------
-# The fast path: the model's modules, driven directly
-# ---------------------------------------------------------------------------------------------
 
 
 def _row_blocks(linear: nn.Linear, splits: int, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -294,17 +221,13 @@ def _layer_norm(ln: nn.LayerNorm) -> tuple:
 
 
 class FastDecoder(KVDecoder):
-    """The model's modules driven over a KV cache preallocated for the whole image.
-
-    It computes ``GPT.forward`` in eval mode: token + position (+ class) embedding, then per block
-    ``x + attn.proj(attention(attn.qkv(ln_1(x))))`` and ``x + mlp.proj(mlp.act(mlp.fc(ln_2(x))))``, then
-    ``ln_f`` and ``lm_head``, each op with that module's weights and settings; for modules it knows
-    (``unknown_part``) and refuses any other model with ``NotImplementedError``.
+    """The model's modules driven over a KV cache preallocated for the whole image: ``GPT.forward`` in
+    eval mode, each op with its module's weights and settings, for models it knows (``unknown_part``;
+    any other raises ``NotImplementedError``).
 
     The cache is one tensor ``(L, 2, B, nh, P, hs)`` (layers, key/value, batch, heads, positions, head
-    size) with ``P = length``, ``seq_len + 1`` by default. ``prefill`` writes the prompt's keys and
-    values at positions ``0 .. T-1``; ``step`` writes one position and attends over the filled prefix
-    only.
+    size) with ``P = length``. ``prefill`` writes the prompt's keys and values at positions
+    ``0 .. T-1``; ``step`` writes one position and attends over the filled prefix only.
     """
 
     fast = True
@@ -312,12 +235,9 @@ class FastDecoder(KVDecoder):
     def __init__(
         self, model: nn.Module, batch_size: int, classes: torch.Tensor | None = None, length: int | None = None
     ) -> None:
-        reason = unknown_part(model)
-        if reason is not None:
-            raise NotImplementedError(
-                f"the fast decoder cannot drive this model: {reason}; KVDecoder(...) falls back to the model's "
-                "own forward"
-            )
+        if (reason := unknown_part(model)) is not None:
+            raise NotImplementedError(f"the fast decoder cannot drive this model: {reason}; KVDecoder(...) "
+                                      "falls back to the model's own forward")
         cfg, classes = self._setup(model, batch_size, classes, length)
         # Split each weight's rows into one block per CPU thread: a batched matmul runs the blocks
         # on all cores, where a single matmul with a handful of rows (a matrix-vector product at
@@ -344,14 +264,11 @@ class FastDecoder(KVDecoder):
         self.head = _row_blocks(model.lm_head, splits, pad=True)
         # (L, 2, B, nh, P, hs): a layer's keys for one head are contiguous, so attending over the
         # filled prefix streams one block of memory per head.
-        self.cache = torch.empty(
-            len(weights), 2, self.B, self.nh, self.P, self.hs, device=self.device, dtype=self.dtype
-        )
+        self.cache = torch.empty(len(weights), 2, self.B, self.nh, self.P, self.hs, device=self.device,
+                                 dtype=self.dtype)
         # The class vector is the same at every position: look it up once, from the table itself,
         # so that no class dropout applies whatever the model's mode. (B, 1, C)
-        self.cls = None
-        if model.cls_emb is not None:
-            self.cls = F.embedding(classes, model.cls_emb.weight)[:, None, :]
+        self.cls = None if model.cls_emb is None else F.embedding(classes, model.cls_emb.weight)[:, None, :]
         # Per layer: its (2, B, nh, P, hs) cache, the keys and values as (B nh, P, hs) views, weights.
         self.layers = [
             (kv, kv[0].view(-1, self.P, self.hs), kv[1].view(-1, self.P, self.hs), *w)  # k, v: (B nh, P, hs)
@@ -363,12 +280,6 @@ class FastDecoder(KVDecoder):
         self.bmm_attention = self.device.type == "cpu"
         self.scale = 1.0 / math.sqrt(self.hs)
         self.q = torch.empty(self.B * self.nh, 1, self.hs, device=self.device, dtype=self.dtype)  # scaled queries
-
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._forward(input_ids, 0)
-
-    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        return self._forward(tokens[:, None], pos)
 
     def _forward(self, idx: torch.Tensor, pos: int) -> torch.Tensor:
         B, T = idx.shape
