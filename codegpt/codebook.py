@@ -1,14 +1,8 @@
-"""Post-hoc codebooks: k-means over vectors of any dimension, and the encode/decode between them.
-
-A codebook maps a D-dimensional vector (an autoencoder's latent, or a flattened pixel patch) to the
-index of its nearest centroid, and an index back to that centroid. The prior only ever sees the
-indices. `Codebook.fit` learns the centroids with mini-batch k-means, so data larger than memory can
-stream through; `Codebook.from_centroids` wraps the codebook of an already trained VQ-VAE/VQGAN.
-
-Saved folders hold `model.safetensors` (the centroids) and `config.json` (size, dimension, metric,
-seed, description); loading reads safetensors only, never a pickle.
-
-Example::
+"""Post-hoc codebooks: a D-dimensional vector (an autoencoder's latent, a flattened pixel patch) maps to
+the index of its nearest centroid, and an index back to that centroid; the prior only sees indices.
+`Codebook.fit` runs mini-batch k-means, so data larger than memory can stream through;
+`Codebook.from_centroids` wraps the codebook of a trained VQ-VAE/VQGAN. Saved folders hold
+`model.safetensors` (the centroids) and `config.json`; loading reads safetensors only, never a pickle::
 
     codebook = Codebook.fit(latents, num_codes=512, seed=0)   # latents: (..., D)
     codes = codebook.encode(latents)                          # (...)
@@ -24,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +107,7 @@ class Codebook(
     centroids: torch.Tensor
 
     def __init__(
-        self,
-        num_codes: int,
-        dim: int,
-        metric: str = "euclidean",
-        seed: int | None = None,
-        description: str = "",
+        self, num_codes: int, dim: int, metric: str = "euclidean", seed: int | None = None, description: str = ""
     ) -> None:
         super().__init__()
         check_int("num_codes", num_codes, low=1)
@@ -126,8 +115,7 @@ class Codebook(
         check_choice("metric", metric, METRICS)
         if seed is not None:
             check_int("seed", seed, low=0)
-        if not isinstance(description, str):
-            raise TypeError(f"description must be a str, got {type(description).__name__}")
+        _check_description(description)
         self.num_codes = num_codes
         self.dim = dim
         self.metric = metric
@@ -139,21 +127,11 @@ class Codebook(
     def extra_repr(self) -> str:
         return f"num_codes={self.num_codes}, dim={self.dim}, metric={self.metric!r}"
 
-    # ------------------------------------------------------------------ construction
-
     @classmethod
-    def from_centroids(
-        cls, centroids: torch.Tensor, metric: str = "euclidean", description: str = ""
-    ) -> Codebook:
+    def from_centroids(cls, centroids: torch.Tensor, metric: str = "euclidean", description: str = "") -> Codebook:
         """Wrap existing centroids (K, D), e.g. the embedding table of a trained VQ-VAE."""
-        centroids = as_tensor("centroids", centroids)
-        if centroids.ndim != 2:
-            raise ValueError(
-                f"centroids must have shape (num_codes, dim), got {tuple(centroids.shape)}"
-            )
-        _check_finite("centroids", centroids)
-        codebook = cls(centroids.shape[0], centroids.shape[1], metric=metric,
-                       description=description)
+        centroids = _check_centroids("centroids", centroids)
+        codebook = cls(centroids.shape[0], centroids.shape[1], metric=metric, description=description)
         codebook.centroids = _normalise(centroids, metric).clone()
         return codebook
 
@@ -175,7 +153,7 @@ class Codebook(
         description: str = "",
         progress: bool = True,
     ) -> Codebook:
-        """Fit `num_codes` centroids to `data` with mini-batch k-means.
+        """Fit `num_codes` centroids to `data` with mini-batch k-means; `fit_info` (a `FitInfo`) says how it went.
 
         Args:
             data: the vectors. Either one tensor/array of shape (..., D), shuffled into batches of
@@ -184,7 +162,6 @@ class Codebook(
                 re-iterable (list, DataLoader), or a one-shot iterator (then only one epoch runs).
                 Streams should be shuffled: k-means++ seeds from the first `init_size` vectors.
             num_codes: K, at least 1 and at most the number of vectors.
-            metric: "euclidean" or "cosine".
             batch_size: vectors per update when `data` is a tensor.
             max_epochs: passes over the data at most.
             tol: stop once an epoch moves the centroids by at most `tol` (mean squared shift,
@@ -197,11 +174,7 @@ class Codebook(
             seed: seeds every random choice (k-means++, shuffling, re-seeding); None draws one
                 from torch's global generator. It is stored in the codebook either way.
             device: where to compute; default the device of `data` (or of its first batch).
-            description: free text stored with the codebook: what the vectors are.
             progress: show a tqdm progress bar.
-
-        Returns:
-            The fitted codebook, with `fit_info` (a `FitInfo`) attached.
         """
         check_int("num_codes", num_codes, low=1)
         check_int("batch_size", batch_size, low=1)
@@ -209,53 +182,32 @@ class Codebook(
         check_int("reseed_after", reseed_after, low=1)
         check_choice("metric", metric, METRICS)
         check_float("tol", tol, low=0.0)
-        if not isinstance(description, str):
-            raise TypeError(f"description must be a str, got {type(description).__name__}")
-        if init_size is None:
-            init_size = max(20 * num_codes, 10_000)
+        _check_description(description)
+        init_size = max(20 * num_codes, 10_000) if init_size is None else init_size
         check_int("init_size", init_size, low=num_codes)
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        check_int("seed", seed, low=0)
+        seed = check_int("seed", int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed, low=0)
 
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
         source = _BatchSource(data, batch_size, generator, device)
-        if source.num_vectors is not None and num_codes > source.num_vectors:
-            raise ValueError(
-                f"num_codes must be in [1, {source.num_vectors}] (the number of vectors), "
-                f"got {num_codes}"
-            )
-        sample = source.sample(init_size)
+        sample = _normalise(source.sample(init_size), metric)  # all of a tensor when it holds <= init_size
         dim = sample.shape[1]
-        sample = _normalise(sample, metric)
+        # Initial centroids make up for a short stream, never for a tensor with fewer vectors than codes.
+        if sample.shape[0] < num_codes and (init is None or source.tensor is not None):
+            raise ValueError(f"num_codes must be in [1, {sample.shape[0]}] (the number of vectors), got {num_codes}")
         if init is not None:
-            init = as_tensor("init", init)
-            if init.shape != (num_codes, dim):
-                raise ValueError(
-                    f"init must have shape (num_codes, dim) = {(num_codes, dim)}, "
-                    f"got {tuple(init.shape)}"
-                )
-            _check_finite("init", init)
-            centroids = _normalise(init.to(sample), metric).clone()
+            centroids = _normalise(_check_centroids("init", init, (num_codes, dim)).to(sample), metric).clone()
         else:
-            if sample.shape[0] < num_codes:
-                raise ValueError(
-                    f"num_codes must be in [1, {sample.shape[0]}] (the number of vectors in "
-                    f"the stream), got {num_codes}"
-                )
             centroids = _kmeans_plus_plus(sample, num_codes, generator)
         # Relative tolerance: a shift means nothing without the scale of the data.
-        scale = float(sample.var(dim=0, unbiased=False).sum()) if sample.shape[0] > 1 else 0.0
-        scale = scale if scale > 0 else 1.0
+        scale = float(sample.var(dim=0, unbiased=False).sum()) or 1.0
         del sample
 
         counts = torch.zeros(num_codes, dtype=centroids.dtype, device=centroids.device)
         idle = torch.zeros(num_codes, dtype=torch.long, device=centroids.device)
         info = FitInfo(epochs=0, steps=0, converged=False, reseeded=0, seconds=0.0)
         total = None if source.batches_per_epoch is None else source.batches_per_epoch * max_epochs
-        bar = tqdm(total=total, desc="k-means", unit="batch", disable=not progress)
-        try:
+        with tqdm(total=total, desc="k-means", unit="batch", disable=not progress) as bar:
             for epoch in range(max_epochs):
                 previous = centroids.clone()
                 counts *= _COUNT_DECAY
@@ -276,13 +228,9 @@ class Codebook(
                 info.mse.append(sq_error / (seen * dim))
                 shift = float((centroids - previous).pow(2).sum(dim=1).mean()) / scale
                 bar.set_postfix(mse=f"{info.mse[-1]:.4g}", shift=f"{shift:.2e}")
-                if shift <= tol and reseeded == 0:
-                    info.converged = True
+                info.converged = shift <= tol and reseeded == 0
+                if info.converged or not source.repeatable:
                     break
-                if not source.repeatable:
-                    break
-        finally:
-            bar.close()
         info.seconds = time.perf_counter() - start
 
         codebook = cls(num_codes, dim, metric=metric, seed=seed, description=description)
@@ -290,19 +238,13 @@ class Codebook(
         codebook.fit_info = info
         return codebook
 
-    # ------------------------------------------------------------------ encode / decode
-
     @torch.no_grad()
     def encode(self, vectors: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Nearest-centroid codes: (..., D) -> (...) int64, on the input's device."""
-        vectors = as_tensor("vectors", vectors)
-        self._check_vectors(vectors)
-        out_device = vectors.device
+        vectors = self._check_vectors(vectors)
         flat = _normalise(vectors.reshape(-1, self.dim).to(self.centroids), self.metric)
-        codes = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
-        for begin, end in _chunks(flat.shape[0], self.num_codes):
-            codes[begin:end] = _assign(flat[begin:end], self.centroids)[0]
-        return codes.reshape(vectors.shape[:-1]).to(out_device)
+        codes = torch.cat([_assign(x, self.centroids)[0] for x in flat.split(self._chunk_rows())])
+        return codes.reshape(vectors.shape[:-1]).to(vectors.device)
 
     forward = encode
 
@@ -310,7 +252,10 @@ class Codebook(
     def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Centroids of `codes`: (...) integers in [0, num_codes) -> (..., D)."""
         codes = as_tensor("codes", codes, integer=True)
-        _check_codes("codes", codes, self.num_codes)
+        bad = (codes < 0) | (codes >= self.num_codes)
+        if bool(bad.any()):
+            position = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"codes{list(position)} = {int(codes[position])} is outside [0, {self.num_codes})")
         return self.centroids[codes.to(self.centroids.device, torch.long)].to(codes.device)
 
     @torch.no_grad()
@@ -319,58 +264,32 @@ class Codebook(
 
         With the cosine metric the error is measured against the L2-normalised vectors.
         """
-        vectors = as_tensor("vectors", vectors)
-        self._check_vectors(vectors)
+        vectors = self._check_vectors(vectors)
         flat = vectors.reshape(-1, self.dim)
         if flat.shape[0] == 0:
-            raise ValueError("vectors must hold at least one vector, got shape "
-                             f"{tuple(vectors.shape)}")
+            raise ValueError(f"vectors must hold at least one vector, got shape {tuple(vectors.shape)}")
         counts = torch.zeros(self.num_codes, dtype=torch.long, device=self.centroids.device)
         sq_error = 0.0
-        for begin, end in _chunks(flat.shape[0], self.num_codes):
-            x = _normalise(flat[begin:end].to(self.centroids), self.metric)
+        for chunk in flat.split(self._chunk_rows()):
+            x = _normalise(chunk.to(self.centroids), self.metric)
             codes, dist = _assign(x, self.centroids)
             counts += torch.bincount(codes, minlength=self.num_codes)
             # Exact error from the decoded vectors; the expanded-square distance may cancel.
             sq_error += float((x - self.centroids[codes]).pow(2).sum())
-        p = counts.double() / flat.shape[0]
-        entropy = -float((p[p > 0] * p[p > 0].log()).sum())
-        return CodebookStats(
-            counts=counts.cpu(),
-            perplexity=math.exp(entropy),
-            dead_codes=int((counts == 0).sum()),
-            mse=sq_error / flat.numel(),
-            num_vectors=flat.shape[0],
-        )
+        entropy = float(torch.special.entr(counts.double() / flat.shape[0]).sum())
+        return CodebookStats(counts=counts.cpu(), perplexity=math.exp(entropy), dead_codes=int((counts == 0).sum()),
+                             mse=sq_error / flat.numel(), num_vectors=flat.shape[0])
 
-    def _check_vectors(self, vectors: torch.Tensor) -> None:
+    def _chunk_rows(self) -> int:
+        return max(1, _DISTANCE_BUDGET // self.num_codes)
+
+    def _check_vectors(self, vectors: Any) -> torch.Tensor:
+        vectors = as_tensor("vectors", vectors)
         if vectors.ndim == 0 or vectors.shape[-1] != self.dim:
-            raise ValueError(
-                f"vectors must have shape (..., {self.dim}) (the codebook's dim), "
-                f"got {tuple(vectors.shape)}"
-            )
+            raise ValueError(f"vectors must have shape (..., {self.dim}) (the codebook's dim), "
+                             f"got {tuple(vectors.shape)}")
         _check_finite("vectors", vectors)
-
-    # ------------------------------------------------------------------ save / load
-
-    def config_dict(self) -> dict[str, Any]:
-        """The JSON metadata written next to the centroids."""
-        config: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "num_codes": self.num_codes,
-            "dim": self.dim,
-            "metric": self.metric,
-            "seed": self.seed,
-            "description": self.description,
-        }
-        if self.fit_info is not None:
-            config["fit"] = {
-                "epochs": self.fit_info.epochs,
-                "converged": self.fit_info.converged,
-                "mse": self.fit_info.mse[-1] if self.fit_info.mse else None,
-            }
-        return config
+        return vectors
 
     def save_pretrained(  # type: ignore[override]
         self,
@@ -391,7 +310,13 @@ class Codebook(
         """
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        full_config = {**(config or {}), **self.config_dict()}
+        full_config = {
+            **(config or {}), "format": FORMAT, "format_version": FORMAT_VERSION, "num_codes": self.num_codes,
+            "dim": self.dim, "metric": self.metric, "seed": self.seed, "description": self.description,
+        }
+        if self.fit_info is not None:
+            info = self.fit_info
+            full_config["fit"] = {"epochs": info.epochs, "converged": info.converged, "mse": (info.mse or [None])[-1]}
         # The weights go to a scratch folder first: `_save_pretrained` is the mixin's hook and
         # may be any writer; only a finished file is moved over the old one.
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-codebook-") as tmp:
@@ -401,14 +326,10 @@ class Codebook(
         if not readme.exists():  # a card written by hand is kept
             write_text(readme, str(self.generate_model_card(**(model_card_kwargs or {}))))
         write_json(save_directory / CONFIG_NAME, full_config)
-        if push_to_hub:
-            return self.push_to_hub(
-                repo_id or save_directory.name,
-                config=full_config,
-                model_card_kwargs=model_card_kwargs,
-                **push_to_hub_kwargs,
-            )
-        return None
+        if not push_to_hub:
+            return None
+        return self.push_to_hub(repo_id or save_directory.name, config=full_config,
+                                model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         centroids = {"centroids": self.centroids.detach().contiguous().cpu()}
@@ -458,22 +379,14 @@ class Codebook(
             tensors = load_file(weights, device=str(map_location))
         except SafetensorError as err:
             raise ValueError(f"{weights} is not a readable safetensors file: {err}") from None
-        centroids = tensors.get("centroids")
-        if centroids is None or set(tensors) != {"centroids"}:
-            raise ValueError(f"{weights} must hold exactly one tensor 'centroids', got {sorted(tensors)}")
-        if tuple(centroids.shape) != (codebook.num_codes, codebook.dim):
-            raise ValueError(
-                f"{weights} holds centroids of shape {tuple(centroids.shape)} but {CONFIG_NAME} "
-                f"says (num_codes, dim) = {(codebook.num_codes, codebook.dim)}"
-            )
-        if not centroids.is_floating_point():
-            raise ValueError(f"{weights}: centroids must be floating point, got {centroids.dtype}")
+        centroids, shape = tensors.get("centroids"), (codebook.num_codes, codebook.dim)
+        if set(tensors) != {"centroids"} or centroids.shape != shape or not centroids.is_floating_point():
+            found = {name: f"{tuple(t.shape)} {t.dtype}" for name, t in tensors.items()}
+            raise ValueError(f"{weights} holds {found}, not one floating-point tensor 'centroids' of shape "
+                             f"(num_codes, dim) = {shape} as {CONFIG_NAME} says")
         _check_finite(f"{weights}: centroids", centroids)
         codebook.centroids = centroids
         return codebook.eval()
-
-
-# ---------------------------------------------------------------------- k-means internals
 
 
 class _BatchSource:
@@ -481,16 +394,15 @@ class _BatchSource:
 
     def __init__(self, data: Batches, batch_size: int, generator: torch.Generator,
                  device: torch.device | str | None) -> None:
-        self.generator = generator
+        self.generator, self.batch_size = generator, batch_size
         self.device = None if device is None else torch.device(device)
-        self.batch_size = batch_size
         self.tensor: torch.Tensor | None = None
-        self.num_vectors: int | None = None
         self.batches_per_epoch: int | None = None
-        self.repeatable = True
         self.pending: list[torch.Tensor] = []  # batches read for k-means++ from a one-shot stream
-        self._batch_index = 0
         self.dim: int | None = None
+        self._batch_index = count()
+        # iter() restarts a list or a DataLoader, but continues a generator where it was: that is read once.
+        self.repeatable = not isinstance(data, Iterator)
         if isinstance(data, (torch.Tensor, np.ndarray)):
             tensor = as_tensor("data", data)
             if tensor.ndim < 1 or tensor.shape[-1] < 1 or tensor.numel() == 0:
@@ -499,25 +411,15 @@ class _BatchSource:
             tensor = tensor.reshape(-1, tensor.shape[-1])
             _check_finite("data", tensor)
             self.tensor = tensor.to(self.device) if self.device is not None else tensor
-            self.num_vectors = tensor.shape[0]
             self.batches_per_epoch = -(-tensor.shape[0] // batch_size)
-        elif isinstance(data, Iterator):
-            # A generator can be read once; calling iter() on it again continues where it was.
-            self.repeatable = False
-            self.new_iterable: Callable[[], Iterable[Any]] = lambda: data
-        elif isinstance(data, Iterable):
-            self.new_iterable = lambda: data  # a list or a DataLoader: iter() restarts it
-        elif callable(data):
-            self.new_iterable = data
+        elif isinstance(data, Iterable) or callable(data):
+            self.new_iterable: Callable[[], Iterable[Any]] = (lambda: data) if isinstance(data, Iterable) else data
         else:
-            raise TypeError(
-                "data must be a tensor/array of shape (..., D), an iterable of such batches, or "
-                f"a callable returning one, got {type(data).__name__}"
-            )
+            raise TypeError("data must be a tensor/array of shape (..., D), an iterable of such batches, or a "
+                            f"callable returning one, got {type(data).__name__}")
 
     def _prepare(self, batch: Any) -> torch.Tensor:
-        index = self._batch_index
-        self._batch_index += 1
+        index = next(self._batch_index)
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
             batch = batch[0]  # (vectors, labels) pairs from a DataLoader
         x = as_tensor(f"data batch {index}", batch)
@@ -534,9 +436,6 @@ class _BatchSource:
             self.device = x.device
         return x.to(self.device)
 
-    def _stream(self) -> Iterator[torch.Tensor]:
-        return (self._prepare(batch) for batch in self.new_iterable())
-
     def sample(self, size: int) -> torch.Tensor:
         """Up to `size` vectors for k-means++: a random subset, or the head of a stream."""
         if self.tensor is not None:
@@ -545,13 +444,13 @@ class _BatchSource:
                 return self.tensor
             index = torch.randperm(n, generator=self.generator)[:size]
             return self.tensor[index.to(self.tensor.device)]
-        taken, count = [], 0
-        for x in self._stream():
+        taken, total = [], 0
+        for x in map(self._prepare, self.new_iterable()):
             taken.append(x)
-            count += x.shape[0]
-            if count >= size:
+            total += x.shape[0]
+            if total >= size:
                 break
-        if count == 0:
+        if total == 0:
             raise ValueError("data yielded no vectors")
         if not self.repeatable:
             self.pending = taken  # train on them too: a one-shot stream cannot be re-read
@@ -559,13 +458,10 @@ class _BatchSource:
 
     def epoch(self) -> Iterator[torch.Tensor]:
         if self.tensor is not None:
-            n = self.tensor.shape[0]
-            order = torch.randperm(n, generator=self.generator).to(self.tensor.device)
-            for begin in range(0, n, self.batch_size):
-                yield self.tensor[order[begin:begin + self.batch_size]]
-            return
+            order = torch.randperm(self.tensor.shape[0], generator=self.generator).to(self.tensor.device)
+            return (self.tensor[index] for index in order.split(self.batch_size))
         pending, self.pending = self.pending, []
-        yield from chain(pending, self._stream())
+        return chain(pending, map(self._prepare, self.new_iterable()))
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -573,8 +469,7 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> to
     n = x.shape[0]
     trials = 2 + int(math.log(k))
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    first = int(torch.randint(n, (1,), generator=generator))
-    centroids[0] = x[first]
+    centroids[0] = x[int(torch.randint(n, (1,), generator=generator))]
     best = _sq_distances(x, centroids[:1]).squeeze(1)  # (n,) to the nearest chosen centroid
     for i in range(1, k):
         weights = best.double().cpu()
@@ -605,16 +500,11 @@ def _update(x: torch.Tensor, codes: torch.Tensor, dist: torch.Tensor, centroids:
         centroids.copy_(_normalise(centroids, metric))
 
     idle.add_(1).masked_fill_(batch_counts > 0, 0)
-    dead = (idle >= reseed_after).nonzero().squeeze(1)
+    # Vectors far from every centroid are the ones a new code would serve best: one each, drawn by error.
+    dead = (idle >= reseed_after).nonzero().squeeze(1)[: int((dist > 0).sum())]
     if dead.numel() == 0:
         return 0
-    # Vectors far from every centroid are the ones a new code would serve best.
-    weights = dist.double().cpu()
-    available = int((weights > 0).sum())
-    dead = dead[:available]
-    if dead.numel() == 0:
-        return 0
-    chosen = torch.multinomial(weights, dead.numel(), replacement=False, generator=generator)
+    chosen = torch.multinomial(dist.double().cpu(), dead.numel(), replacement=False, generator=generator)
     centroids[dead] = x[chosen.to(x.device)]
     counts[dead] = 0
     idle[dead] = 0
@@ -633,19 +523,8 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, tor
     return codes, dist
 
 
-def _chunks(n: int, k: int) -> Iterator[tuple[int, int]]:
-    step = max(1, _DISTANCE_BUDGET // k)
-    for begin in range(0, n, step):
-        yield begin, min(n, begin + step)
-
-
 def _normalise(x: torch.Tensor, metric: str) -> torch.Tensor:
-    if metric == "cosine":
-        return torch.nn.functional.normalize(x, dim=-1)
-    return x
-
-
-# ---------------------------------------------------------------------- validation helpers
+    return torch.nn.functional.normalize(x, dim=-1) if metric == "cosine" else x
 
 
 def _check_finite(name: str, value: torch.Tensor) -> None:
@@ -655,12 +534,15 @@ def _check_finite(name: str, value: torch.Tensor) -> None:
         raise ValueError(f"{name} must be finite, got {float(value[position])} at {position}")
 
 
-def _check_codes(name: str, codes: torch.Tensor, num_codes: int) -> None:
-    if codes.numel() == 0:
-        return
-    bad = (codes < 0) | (codes >= num_codes)
-    if bool(bad.any()):
-        position = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{name}{list(position)} = {int(codes[position])} is outside [0, {num_codes})"
-        )
+def _check_centroids(name: str, value: Any, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    value = as_tensor(name, value)
+    if value.ndim != 2 or (shape is not None and value.shape != shape):
+        raise ValueError(f"{name} must have shape (num_codes, dim){'' if shape is None else f' = {shape}'}, "
+                         f"got {tuple(value.shape)}")
+    _check_finite(name, value)
+    return value
+
+
+def _check_description(description: Any) -> None:
+    if not isinstance(description, str):
+        raise TypeError(f"description must be a str, got {type(description).__name__}")
