@@ -683,21 +683,19 @@ def load_codebook(
     local_files_only: bool = False,
     token: str | None = None,
 ) -> Codebook:
-    """The ``Codebook`` shipped with a prior: ``repo_or_path`` is an upload folder or a Hub repo id
-    (its ``codebook/`` subfolder, cache-aware: ``HF_HUB_OFFLINE=1`` reads the local cache), or a saved
-    codebook folder itself. ``codebook.decode(codes)`` then maps codes to latents."""
+    """The ``Codebook`` shipped with a prior in ``codebook/`` of an upload folder or a Hub repo id
+    (``Codebook.from_pretrained(repo, subfolder="codebook")``, cache-aware), or a saved codebook folder
+    itself. ``codebook.decode(codes)`` then maps codes to latents."""
     if not isinstance(repo_or_path, (str, os.PathLike)):
         raise TypeError(f"repo_or_path must be a repo id or a path, got {type(repo_or_path).__name__}")
     path = Path(repo_or_path)
     if not path.is_dir():
-        path = Path(huggingface_hub.snapshot_download(
-            _check_repo_id(str(repo_or_path)), revision=revision, cache_dir=cache_dir,
-            local_files_only=local_files_only, token=token, allow_patterns=[f"{CODEBOOK_DIR}/*"],
-        ))
-    for candidate in (path / CODEBOOK_DIR, path):
-        config = candidate / "config.json"
+        return Codebook.from_pretrained(_check_repo_id(str(repo_or_path)), subfolder=CODEBOOK_DIR, revision=revision,
+                                        cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    for subfolder in (CODEBOOK_DIR, None):
+        config = path / (subfolder or "") / "config.json"
         if config.is_file() and "num_codes" in read_json(config, "repo_or_path"):
-            return Codebook.from_pretrained(candidate)
+            return Codebook.from_pretrained(path, subfolder=subfolder)
     raise FileNotFoundError(
         f"repo_or_path: {str(repo_or_path)!r} has no codebook (no {CODEBOOK_DIR}/config.json with num_codes)"
     )
