@@ -1,14 +1,9 @@
-"""Sampling images from a codegpt :class:`~codegpt.GPT`: ``generate()``.
+"""Sampling images from a codegpt :class:`~codegpt.GPT`: ``generate()``, in LlamaGen's functional style.
 
-Read top to bottom, in LlamaGen's functional style:
-
-1. checks of every argument, one per argument and all before any compute (the fast decoder runs
-   no checks of its own, and the model's forward, which checks its inputs, may never run);
-2. ``generate``: the loop. ``codegpt.fast.KVDecoder`` runs the model over a KV cache (``prefill``
-   the prompt, then one ``step`` per token); each step turns its logits into the next code with
-   transformers' ``LogitsProcessor`` machinery: guidance, the ban on special tokens, the user's
-   processors, then the temperature / top-k / top-p warpers, in the order ``model.generate`` applies
-   them.
+Every argument is checked first, before any compute (the fast decoder checks nothing, and the model's
+forward may never run). Then ``codegpt.fast.KVDecoder`` runs the model over a KV cache (``prefill`` the
+prompt, one ``step`` per token), and each step turns its logits into the next code with transformers'
+``LogitsProcessor`` machinery, in the order ``model.generate`` applies it.
 """
 
 from __future__ import annotations
@@ -27,22 +22,15 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from ._util import as_tensor, check_float
 from .fast import KVDecoder
 from .fast.decoder import input_device
 
 __all__ = ["KVDecoder", "check_sampling_args", "generate", "to_grid"]
 
-# ---------------------------------------------------------------------------------------------
-# Checks
-# ---------------------------------------------------------------------------------------------
-
 
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_sampling_args(
@@ -50,24 +38,13 @@ def check_sampling_args(
 ) -> None:
     """Raise ``ValueError`` naming the first of the sampling knobs out of its range (the model is not
     needed: whether guidance suits it is ``generate``'s check)."""
-    if not _is_number(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    check_float("temperature", temperature, 0)
     if top_k is not None and (not _is_int(top_k) or top_k < 0):
         raise ValueError(f"top_k must be None or an int >= 0 (0 or None is off), got {top_k!r}")
-    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or a number in (0, 1] (1 or None is off), got {top_p!r}")
-    if guidance_scale is not None and (not _is_number(guidance_scale) or guidance_scale < 0):
-        raise ValueError(
-            f"guidance_scale must be None or a finite number >= 0 (None or 1 is off), got {guidance_scale!r}"
-        )
-
-
-def _check_int_tensor(name: str, value: object) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
-    return value
+    if top_p is not None:
+        check_float("top_p", top_p, 0, 1, low_open=True)
+    if guidance_scale is not None:
+        check_float("guidance_scale", guidance_scale, 0)
 
 
 def _check_classes(
@@ -76,55 +53,41 @@ def _check_classes(
     """``classes`` as a ``(B,)`` tensor of ids in ``[0, num_classes]``; one int is repeated over
     ``batch`` rows when that is known (else one row)."""
     if not cfg.class_conditional:
-        raise ValueError(
-            "classes was given to an unconditional model (config.class_conditional=False); pass classes=None"
-        )
+        raise ValueError("classes was given to an unconditional model (config.class_conditional=False); "
+                         "pass classes=None")
     if _is_int(classes):
         classes = torch.tensor([int(classes)]).expand(batch or 1)
     elif isinstance(classes, (list, tuple)):
         classes = torch.tensor(classes) if classes else torch.empty(0, dtype=torch.long)
-    _check_int_tensor("classes", classes)
+    classes = as_tensor("classes", classes, integer=True)
     if classes.dim() != 1 or classes.shape[0] == 0:
         raise ValueError(f"classes must have shape (batch,) with batch >= 1, got {tuple(classes.shape)}")
     lo, hi = int(classes.min()), int(classes.max())
     if lo < 0 or hi > cfg.num_classes:
-        raise ValueError(
-            f"classes must be in [0, {cfg.num_classes}) (num_classes), or {cfg.num_classes} for the "
-            f"null class, got {lo if lo < 0 else hi}"
-        )
+        raise ValueError(f"classes must be in [0, {cfg.num_classes}) (num_classes), or {cfg.num_classes} for "
+                         f"the null class, got {lo if lo < 0 else hi}")
     return classes
 
 
 def _check_prompt(cfg: PretrainedConfig, input_ids: object) -> torch.Tensor:
-    """``input_ids`` as a ``(B, T)`` prompt: the start token, then codes, at most ``seq_len + 1`` long.
-
-    Stricter than the model's own check (any id in the vocabulary): a prompt holds codes, and
-    the fast decoder never runs that check.
-    """
-    _check_int_tensor("input_ids", input_ids)
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(
-            "input_ids must have shape (batch, length) with batch, length >= 1 (the start token, then "
-            f"the codes of a prefix), got {tuple(input_ids.shape)}"
-        )
+    """``input_ids`` as a ``(B, T)`` prompt: the start token, then codes (stricter than the model's own
+    check, any id in the vocabulary), at most ``seq_len + 1`` long."""
+    input_ids = as_tensor("input_ids", input_ids, integer=True)
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError("input_ids must have shape (batch, length) with batch, length >= 1 (the start token, "
+                         f"then the codes of a prefix), got {tuple(input_ids.shape)}")
     T, P = input_ids.shape[1], cfg.seq_len + 1
     if T > P:
-        raise ValueError(
-            f"input_ids is too long: {T} tokens, but the model holds seq_len + 1 = {P} "
-            "(the start token plus one image)"
-        )
+        raise ValueError(f"input_ids is too long: {T} tokens, but the model holds seq_len + 1 = {P} "
+                         "(the start token plus one image)")
     if bool((input_ids[:, 0] != cfg.start_token_id).any()):
-        raise ValueError(
-            f"input_ids must start with the start token (config.start_token_id={cfg.start_token_id}) "
-            f"in every row, got {input_ids[:, 0].tolist()[:8]} in column 0"
-        )
+        raise ValueError(f"input_ids must start with the start token (config.start_token_id={cfg.start_token_id}) "
+                         f"in every row, got {input_ids[:, 0].tolist()[:8]} in column 0")
     if T > 1:
         lo, hi = int(input_ids[:, 1:].min()), int(input_ids[:, 1:].max())
         if lo < 0 or hi >= cfg.codebook_size:
-            raise ValueError(
-                f"input_ids after the start token must be codes in [0, {cfg.codebook_size}) "
-                f"(codebook_size), got {lo if lo < 0 else hi}"
-            )
+            raise ValueError(f"input_ids after the start token must be codes in [0, {cfg.codebook_size}) "
+                             f"(codebook_size), got {lo if lo < 0 else hi}")
     return input_ids
 
 
@@ -135,51 +98,36 @@ def _resolve_batch(
     num_samples: int | None,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Check the prompt, the classes and ``num_samples``; return the first two as ``(B, T)`` and
-    ``(B,)`` long tensors on ``device``.
-
-    The batch size comes from ``input_ids``, else from ``classes``, else from ``num_samples`` (default
-    1); whichever of them are given must agree.
-    """
+    """Check the prompt, the classes and ``num_samples``; return the first two as ``(B, T)`` and ``(B,)``
+    long tensors on ``device``. Those given must agree on the batch size (1 when none is)."""
     if num_samples is not None and (not _is_int(num_samples) or num_samples < 1):
         raise ValueError(f"num_samples must be None or an int >= 1, got {num_samples!r}")
-    num_samples = None if num_samples is None else int(num_samples)
     if input_ids is not None:
         input_ids = _check_prompt(cfg, input_ids)
+    sizes = {} if num_samples is None else {"num_samples": int(num_samples)}
+    if input_ids is not None:
+        sizes["input_ids"] = input_ids.shape[0]
     if classes is not None:
         # One int is the class of the whole batch, however large the other arguments make it.
-        batch = num_samples if num_samples is not None else None if input_ids is None else input_ids.shape[0]
-        classes = _check_classes(cfg, classes, batch)
+        classes = _check_classes(cfg, classes, next(iter(sizes.values()), None))
+        sizes["classes"] = classes.shape[0]
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"{' and '.join(sizes)} must agree on the batch size, got {sizes}")
     if input_ids is None:
-        B = classes.shape[0] if classes is not None else (num_samples or 1)
-        input_ids = torch.full((B, 1), cfg.start_token_id, dtype=torch.long)
-    B = input_ids.shape[0]
-    if classes is not None and classes.shape[0] != B:
-        source = "input_ids" if num_samples is None else "num_samples"
-        raise ValueError(f"classes has {classes.shape[0]} rows but {source} asks for a batch of {B}")
-    if num_samples is not None and num_samples != B:
-        source = "input_ids" if classes is None else "classes"
-        raise ValueError(f"num_samples={num_samples} does not match the batch of {B} given by {source}")
+        input_ids = torch.full((next(iter(sizes.values()), 1), 1), cfg.start_token_id, dtype=torch.long)
     classes = None if classes is None else classes.to(device=device, dtype=torch.long)
     return input_ids.to(device=device, dtype=torch.long), classes
 
 
 def _as_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
-    if generator is None or isinstance(generator, torch.Generator):
-        if generator is not None and generator.device.type != device.type:
-            raise ValueError(
-                f"generator is on {generator.device} but the model is on {device}; "
-                f"create it with torch.Generator(device={str(device)!r})"
-            )
-        return generator
     if _is_int(generator):
         return torch.Generator(device=device).manual_seed(int(generator))
-    raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
+                         f"create it with torch.Generator(device={str(device)!r})")
+    return generator
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -263,23 +211,16 @@ def generate(
     if max_new_tokens is None:
         max_new_tokens = remaining
     elif not _is_int(max_new_tokens) or not 0 <= max_new_tokens <= remaining:
-        raise ValueError(
-            f"max_new_tokens must be None or an int in [0, {remaining}] (seq_len + 1 - prompt length "
-            f"{T}), got {max_new_tokens!r}"
-        )
+        raise ValueError(f"max_new_tokens must be None or an int in [0, {remaining}] (seq_len + 1 - prompt "
+                         f"length {T}), got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
     guided = guidance_scale is not None and guidance_scale != 1
-    if guided:
-        if not cfg.class_conditional:
-            raise ValueError(
-                f"guidance_scale={guidance_scale} needs a class-conditional model "
-                "(config.class_conditional=False); pass guidance_scale=None"
-            )
-        if classes is None:
-            raise ValueError(
-                f"guidance_scale={guidance_scale} needs classes: without them both halves of the guidance "
-                "batch are the null class"
-            )
+    if guided and not cfg.class_conditional:
+        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model "
+                         "(config.class_conditional=False); pass guidance_scale=None")
+    if guided and classes is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs classes: without them both halves of the "
+                         "guidance batch are the null class")
     generator = _as_generator(generator, device)
     user_processors = list(logits_processor or [])
     for p in user_processors:
@@ -344,8 +285,6 @@ def to_grid(tokens: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor:
     """
     H, W = grid_shape
     if tokens.dim() != 2 or tokens.shape[1] not in (H * W, H * W + 1):
-        raise ValueError(
-            f"tokens must have shape (batch, {H * W}) or (batch, {H * W + 1}) (start token first) for a "
-            f"{H}x{W} grid, got {tuple(tokens.shape)}"
-        )
+        raise ValueError(f"tokens must have shape (batch, {H * W}) or (batch, {H * W + 1}) (start token "
+                         f"first) for a {H}x{W} grid, got {tuple(tokens.shape)}")
     return tokens[:, -H * W :].reshape(-1, H, W)
