@@ -6,27 +6,22 @@ A code dataset is a folder::
     codes-00000.safetensors       tensors "codes" (n, H, W) and, if num_classes > 0, "labels" (n,)
     codes-00001.safetensors       ...
 
-`dataset.json` holds the format name and version, `codebook_size`, `grid` [H, W], `num_classes`,
-`class_names` (or null), `num_items`, a free-text `description`, and the list of shards with their
-item counts. Codes and labels are stored in the smallest integer type that holds their range
-(uint8 up to 256 values, int16 up to 32 768, then int32), so 16x16 codes from a 1024-code
-codebook take 512 bytes per image. Readers accept any 8/16/32/64-bit integer type in a shard, so
-shards written by other tools load too.
+`dataset.json` holds the format and version, `codebook_size`, `grid` [H, W], `num_classes`, `class_names`
+(or null), `num_items`, `description` and the shards with their item counts. Codes and labels are stored in
+the smallest integer type that holds their range (uint8, int16, then int32: 16x16 codes of a 1024-code
+codebook take 512 bytes per image); readers accept any 8-64-bit integer type, so other tools' shards load.
 
-Opening a dataset validates it completely: every shard's header, tensor names, shapes and dtypes,
-and every code and label, in one streaming pass that maps each shard, checks it chunk by chunk and
-drops it, so memory stays bounded however large the set. Items are then read lazily through
-memory maps opened on first use in each process (DataLoader workers map their own).
+Opening a dataset validates every shard's header, tensors and values in one streaming pass, chunk by chunk,
+so memory stays bounded however large the set; items are then read lazily through memory maps opened on
+first use in each process (DataLoader workers map their own).
 
-Each item follows the model's token convention: for a codebook of size K, the start token is K,
-`input_ids` = [K, c_1, ..., c_N] (row-major codes, N = H*W), `labels` = `input_ids` with
-`labels[0] = -100` (the model shifts internally), and `classes` = the class id (absent when the
-dataset is unconditional).
+Items follow the model's token convention: for a codebook of size K, `input_ids` = [K, c_1, ..., c_N]
+(K is the start token, codes row-major, N = H*W), `labels` = `input_ids` with `labels[0] = -100` (the model
+shifts internally), and `classes` = the class id (absent when the dataset is unconditional).
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import operator
 import os
@@ -43,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, Subset
 
-from ._util import as_tensor, check_int, save_safetensors, write_json
+from ._util import as_tensor, check_format, check_int, save_safetensors, write_json
 from .codebook import Codebook
 
 __all__ = [
@@ -68,16 +63,10 @@ _SCAN_ELEMENTS = 1 << 22
 
 def storage_dtype(num_values: int) -> torch.dtype:
     """Smallest integer dtype that stores every value in [0, num_values)."""
-    if num_values <= 1 << 8:
-        return torch.uint8
-    if num_values <= 1 << 15:
-        return torch.int16
-    if num_values <= 1 << 31:
-        return torch.int32
+    for bits, dtype in ((8, torch.uint8), (15, torch.int16), (31, torch.int32)):
+        if num_values <= 1 << bits:
+            return dtype
     return torch.int64
-
-
-# ---------------------------------------------------------------------- writing
 
 
 class CodeDatasetWriter:
@@ -291,9 +280,6 @@ def write_code_dataset(
     return writer.path
 
 
-# ---------------------------------------------------------------------- reading
-
-
 class CodeDataset(Dataset):
     """A code dataset folder as a `torch.utils.data.Dataset` (see the module docstring).
 
@@ -317,24 +303,20 @@ class CodeDataset(Dataset):
         self.vocab_size = self.codebook_size + 1
 
         self._files: list[Path] = []
-        self._codes_at: list[tuple[int, np.dtype]] = []  # byte offset and dtype of "codes"
+        self._codes_at: list[tuple[int, np.dtype, int]] = []  # byte offset, dtype and items of "codes"
         self._starts: list[int] = []  # index of each shard's first item
         labels: list[np.ndarray] = []
-        total = 0
+        self._len = 0
         for shard in meta["shards"]:
             file = self.path / shard["file"]
-            offset, dtype, shard_labels = _validate_shard(file, shard["num_items"], total, meta)
+            offset, dtype, shard_labels = _validate_shard(file, shard["num_items"], self._len, meta)
             self._files.append(file)
-            self._codes_at.append((offset, dtype))
-            self._starts.append(total)
+            self._codes_at.append((offset, dtype, shard["num_items"]))
+            self._starts.append(self._len)
             if shard_labels is not None:
                 labels.append(shard_labels)
-            total += shard["num_items"]
-        self._len = total
-        self._labels_np = np.concatenate(labels) if labels else None
-        self.labels: torch.Tensor | None = (
-            None if self._labels_np is None else torch.from_numpy(self._labels_np)
-        )
+            self._len += shard["num_items"]
+        self.labels: torch.Tensor | None = torch.from_numpy(np.concatenate(labels)) if labels else None
         self._maps: list[np.memmap | None] = [None] * len(self._files)
 
     def __len__(self) -> int:
@@ -345,20 +327,13 @@ class CodeDataset(Dataset):
                 f"codebook_size={self.codebook_size}, num_classes={self.num_classes})")
 
     def _map(self, shard: int) -> np.memmap:
-        mapped = self._maps[shard]
-        if mapped is None:
-            offset, dtype = self._codes_at[shard]
-            count = self._shard_len(shard)
+        if self._maps[shard] is None:
+            offset, dtype, count = self._codes_at[shard]
             # mode "c" (copy-on-write) gives writable arrays, so torch.from_numpy does not warn;
             # the file itself is never written.
-            mapped = np.memmap(self._files[shard], dtype=dtype, mode="c", offset=offset,
-                               shape=(count, self.seq_len))
-            self._maps[shard] = mapped
-        return mapped
-
-    def _shard_len(self, shard: int) -> int:
-        end = self._starts[shard + 1] if shard + 1 < len(self._starts) else self._len
-        return end - self._starts[shard]
+            self._maps[shard] = np.memmap(self._files[shard], dtype=dtype, mode="c", offset=offset,
+                                          shape=(count, self.seq_len))
+        return self._maps[shard]  # type: ignore[return-value]
 
     def _index(self, index: Any) -> int:
         i = operator.index(index)
@@ -369,17 +344,7 @@ class CodeDataset(Dataset):
         return i
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        i = self._index(index)
-        shard = bisect.bisect_right(self._starts, i) - 1
-        input_ids = np.empty(self.seq_len + 1, dtype=np.int64)
-        input_ids[0] = self.start_token_id
-        input_ids[1:] = self._map(shard)[i - self._starts[shard]]
-        labels = input_ids.copy()
-        labels[0] = IGNORE_INDEX
-        item = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
-        if self._labels_np is not None:
-            item["classes"] = torch.from_numpy(self._labels_np[i:i + 1]).view(())
-        return item
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         """A batch of items at once (DataLoader uses this): one gather per shard, not per item."""
@@ -394,17 +359,13 @@ class CodeDataset(Dataset):
         labels[:, 0] = IGNORE_INDEX
         columns = [torch.from_numpy(input_ids), torch.from_numpy(labels)]
         keys = ["input_ids", "labels"]
-        if self._labels_np is not None:
-            columns.append(torch.from_numpy(self._labels_np[idx]))
+        if self.labels is not None:
+            columns.append(self.labels[torch.from_numpy(idx)])
             keys.append("classes")
         return [dict(zip(keys, row, strict=True)) for row in zip(*columns, strict=True)]
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple[Subset, Subset]:
-        """A reproducible random (train, validation) split; the same seed gives the same split.
-
-        The validation set holds round(val_fraction * len) items, at least 1, and so does the
-        training set. Indices within each part are sorted, which keeps reads local.
-        """
+        """A reproducible random (train, validation) split: the indices of ``split_indices``."""
         train, val = split_indices(self._len, val_fraction, seed)
         return Subset(self, train), Subset(self, val)
 
@@ -435,9 +396,6 @@ def split_indices(num_items: int, val_fraction: float, seed: int = 0) -> tuple[l
     check_int("seed", seed, low=0)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[num_val:].sort().values.tolist(), order[:num_val].sort().values.tolist()
-
-
-# ---------------------------------------------------------------------- vectors -> codes
 
 
 @dataclass
@@ -537,13 +495,9 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{file} is not codegpt code dataset metadata "
-                         f"(expected \"format\": \"{FORMAT}\")")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {version!r} is not supported "
-                         f"(this codegpt reads version {FORMAT_VERSION})")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(meta).__name__}")
+    check_format(file, meta, FORMAT, FORMAT_VERSION)
     try:
         check_int("codebook_size", meta.get("codebook_size"), low=1)
         check_int("num_classes", meta.get("num_classes"), low=0)
@@ -623,9 +577,6 @@ def _read_header(file: Path) -> tuple[int, dict[str, Any]]:
     with open(file, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         return length, json.loads(handle.read(length))
-
-
-# ---------------------------------------------------------------------- helpers
 
 
 def _check_range(values: Any, size: int, what: str, where: str, first_item: int,
