@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -399,10 +400,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         with _user_errors("--codebook: "):
             codebook = Codebook.from_pretrained(args.codebook)
         judge = fit_digit_judge(images[train_part.indices], labels[train_part.indices], seed=args.seed)
-
-        def to_pixels(codes):
-            return codes_to_images(codebook, codes, patch=args.patch)
-
+        to_pixels = functools.partial(codes_to_images, codebook, patch=args.patch)
     with _user_errors(kinds=(ValueError,)):
         metrics, _ = evaluate_prior(
             model,

@@ -12,7 +12,7 @@ import torch
 from conftest import reset_accelerate
 from safetensors.torch import load_file, save_file
 
-from codegpt.cli import main
+from codegpt.cli import build_parser, main
 from codegpt.data import write_code_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +121,15 @@ def test_train_runs_and_refuses_to_mix_runs_without_resume(small_dataset, tmp_pa
     assert main(argv) == 2
     assert "--resume" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0
+
+
+def test_train_leaves_the_precision_to_accelerate_unless_given():
+    # `accelerate launch --mixed_precision bf16 -m codegpt train ...` must not be overridden by a default.
+    parser = build_parser()
+    base = ["train", "--data", "d", "--out", "o"]
+    assert parser.parse_args(base).mixed_precision is None
+    assert parser.parse_args([*base, "--mixed-precision", "bf16"]).mixed_precision == "bf16"
+    assert parser.parse_args(["demo"]).mixed_precision == "no"
 
 
 def test_fit_codebook_from_latents(tmp_path, capsys):
