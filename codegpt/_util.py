@@ -6,6 +6,7 @@ the same everywhere: it names the argument, the value and what is allowed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import safetensors.torch
 import torch
 
 __all__ = [
@@ -24,23 +26,14 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------------------------
-
-
 def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
+    """Make a rename in ``directory`` durable (a no-op where folders cannot be opened or synced, e.g. Windows)."""
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -82,9 +75,7 @@ def save_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write tensors to a safetensors file atomically."""
-    from safetensors.torch import save
-
-    data = save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
+    data = safetensors.torch.save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
     return atomic_write(path, lambda f: f.write(data))
 
 
@@ -132,9 +123,7 @@ def check_format(file: str | os.PathLike, meta: Mapping[str, Any], name: str, ve
                          f"(this codegpt reads version {version})")
 
 
-# ---------------------------------------------------------------------------------------------
-# Value checks: each returns the normalised value or raises naming the argument
-# ---------------------------------------------------------------------------------------------
+# Value checks: each returns the normalised value or raises naming the argument.
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
