@@ -1,11 +1,8 @@
-"""The embedded default: scikit-learn's 8x8 handwritten digits as a code dataset.
+"""The embedded default: scikit-learn's 8x8 handwritten digits (shipped with it, no download) as codes.
 
-The "autoencoder" is the identity on small pixel patches: each 8x8 image (values 0-16) is cut into
-2x2 patches, a k-means codebook over the 4-dimensional patch vectors turns every patch into a code,
-and each image becomes a 4x4 grid of codes with its digit (0-9) as the class. The data ships inside
-scikit-learn (no download); fitting takes well under a second on a laptop CPU.
-
-Example::
+The "autoencoder" is the identity on pixel patches: each image (values 0-16) is cut into 2x2 patches, a
+k-means codebook over the 4-d patch vectors codes every patch, and each image becomes a 4x4 code grid
+with its digit as the class::
 
     fitted = digits_code_dataset("digits", seed=0)          # digits/codebook, digits/data
     train, val = fitted.train, fitted.val                    # the codebook saw train only
@@ -17,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -40,18 +36,19 @@ def load_digits_images() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise ImportError(
-            "the digits dataset needs scikit-learn: pip install 'codegpt[demo]'"
-        ) from err
+        raise ImportError("the digits dataset needs scikit-learn: pip install 'codegpt[demo]'") from err
     digits = load_digits()
-    images = torch.from_numpy(digits.images.astype(np.float32))
-    labels = torch.from_numpy(digits.target.astype(np.int64))
-    return images, labels
+    return torch.from_numpy(digits.images.astype(np.float32)), torch.from_numpy(digits.target.astype(np.int64))
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """Cut images (N, H, W) into non-overlapping patches: (N, H/p, W/p, p*p), row-major."""
-    images = _check_images(images)
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor or numpy array, got {type(images).__name__}")
+    if images.ndim != 3:
+        raise ValueError(f"images must have shape (N, H, W), got {tuple(images.shape)}")
     check_int("patch", patch, low=1)
     n, height, width = images.shape
     if height % patch or width % patch:
@@ -89,10 +86,9 @@ def digits_code_dataset(
 ) -> FittedCodes:
     """Fit a patch codebook on the digits' training split and write all 1797 images as codes.
 
-    Writes ``out_dir/codebook`` and ``out_dir/data`` (see ``codegpt.data.fit_code_dataset``, which
-    this is a thin layer over). Each image becomes an (8/p, 8/p) grid of codes; the validation
-    images (``val_fraction``, split by ``seed``; 0 for none) stay unseen by the fit, and the split is
-    the one ``CodeDataset.split(val_fraction, seed)`` gives. Metrics are on the 0-16 pixel scale.
+    Writes ``out_dir/codebook`` and ``out_dir/data`` through ``codegpt.data.fit_code_dataset``: each image
+    becomes an (8/p, 8/p) code grid; the validation images (``val_fraction`` split by ``seed``, the split
+    ``CodeDataset.split`` gives; 0 for none) stay unseen by the fit. Metrics are on the 0-16 pixel scale.
     """
     check_int("patch", patch, low=1)
     if 8 % patch:
@@ -116,14 +112,10 @@ def patch_decoder(codebook: Codebook, patch: int | None = None) -> Callable[[tor
     Pixels are scaled by the range of the centroids, so any patch codebook renders without knowing
     its pixel scale. ``patch`` defaults to the square root of the codebook's dim.
     """
-    if patch is None:
-        patch = math.isqrt(codebook.dim)
-        if patch * patch != codebook.dim:
-            raise ValueError(
-                f"codebook vectors have dim {codebook.dim}, not a square patch; pass patch (--patch), or "
-                "draw each code as a coloured cell (no codebook)"
-            )
-    check_int("patch", patch, low=1)
+    if patch is None and math.isqrt(codebook.dim) ** 2 != codebook.dim:
+        raise ValueError(f"codebook vectors have dim {codebook.dim}, not a square patch; pass patch (--patch), or "
+                         "draw each code as a coloured cell (no codebook)")
+    patch = math.isqrt(codebook.dim) if patch is None else check_int("patch", patch, low=1)
     if patch * patch != codebook.dim:
         raise ValueError(f"patch {patch} needs codebook vectors of dim {patch * patch}, got {codebook.dim}")
     low, high = float(codebook.centroids.min()), float(codebook.centroids.max())
@@ -134,14 +126,3 @@ def patch_decoder(codebook: Codebook, patch: int | None = None) -> Callable[[tor
 
     return decode
 
-
-def _check_images(images: Any) -> torch.Tensor:
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(
-            f"images must be a torch.Tensor or numpy array, got {type(images).__name__}"
-        )
-    if images.ndim != 3:
-        raise ValueError(f"images must have shape (N, H, W), got {tuple(images.shape)}")
-    return images
