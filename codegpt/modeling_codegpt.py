@@ -1,9 +1,7 @@
-"""GPT prior over discrete image codes, as a transformers model.
-
-Read top to bottom: the output, attention (the eager reference; the others come from transformers'
-registry), the class embedding, attention module, MLP, block, then the model. This file ships as Hub
-remote code next to ``configuration_codegpt.py``: it imports only torch, transformers, the standard
-library and that file. CPU training kernels live in ``codegpt.fast``, swapped in without touching it.
+"""GPT prior over discrete image codes, as a transformers model: the output, eager attention (the
+others come from transformers' registry), the class embedding, attention, MLP, block, then the model.
+It ships as Hub remote code next to ``configuration_codegpt.py`` and imports only torch, transformers,
+the standard library and that file (CPU kernels live in ``codegpt.fast``, swapped in from outside).
 """
 
 from __future__ import annotations
@@ -66,10 +64,8 @@ def eager_attention_forward(
 
 def causal_mask(query_slots: torch.Tensor, num_keys: int, padding: torch.Tensor | None) -> torch.Tensor:
     """(B|1, 1, T, S) bool mask: query t sees cache slots up to its own, ``query_slots[t]``, except
-    padding. Slots past the last token (a static cache's empty ones) are in every query's future.
-
-    ``padding`` (B, L) is 1 for real tokens; a query always sees itself, so that a padded row never
-    has every key masked (that would give NaN and spread it to later layers)."""
+    padding (``padding`` (B, L) is 1 for real tokens). A query always sees itself, so that a padded row
+    never has every key masked (that would give NaN and spread it to later layers)."""
     keys = torch.arange(num_keys, device=query_slots.device)
     mask = keys <= query_slots[:, None]  # (T, S)
     if padding is None:
@@ -80,14 +76,10 @@ def causal_mask(query_slots: torch.Tensor, num_keys: int, padding: torch.Tensor 
 
 
 class ClassEmbedding(nn.Embedding):
-    """The class condition: one learned vector per class, plus the null class (row ``num_classes``)
-    that means "no condition" and makes classifier-free guidance possible.
-
-    It is an ``nn.Embedding`` (its table is ``cls_emb.weight``, the key checkpoints have always had).
-    Calling it returns the (B, C) class vectors: the null class for ``classes=None``, and in training
-    mode each sample's class is replaced by the null class with probability ``dropout_prob``, so that
-    one model learns both the conditional and the unconditional distribution.
-    """
+    """One learned vector per class, plus the null class (row ``num_classes``, "no condition") that
+    makes classifier-free guidance possible. ``cls_emb(classes, B)`` is (B, C): the null class for
+    ``classes=None``; in training mode each class becomes the null class with probability
+    ``dropout_prob``, so that one model learns the conditional and the unconditional distribution."""
 
     def __init__(self, num_classes: int, embed_dim: int, dropout_prob: float = 0.0) -> None:
         super().__init__(num_classes + 1, embed_dim)
@@ -123,16 +115,14 @@ class CausalSelfAttention(nn.Module):
         cache: Cache | None = None, output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
-        # (B, T, 3C) -> three (B, nh, T, hs) views
-        # Unbinding (B, T, 3, nh, hs) before the transpose lets the backward stack the three gradients
-        # straight into the (B, T, 3C) layout the projection needs: one copy instead of two.
+        # (B, T, 3C) -> three (B, nh, T, hs) views. Unbinding before the transpose lets the backward stack
+        # the three gradients straight into the (B, T, 3C) layout the projection needs: one copy, not two.
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2))
         if cache is not None:
             # The slots travel as 4.x's cache_kwargs (a static cache writes there); 5.x ignores them.
             k, v = cache.update(k, v, self.layer_idx, {"cache_position": query_slots})  # (B, nh, S, hs)
-        # No mask only when the keys are exactly these T tokens, unpadded: the fused kernels' causal
-        # path. A past, a static cache's empty slots or padding need one (SDPA's own is_causal is
-        # aligned top-left, wrong after a past).
+        # No mask only when the keys are exactly these T tokens, unpadded (the fused kernels' causal path):
+        # a past, a static cache's empty slots or padding need one (SDPA's is_causal is top-left aligned).
         S = k.shape[-2]
         mask = None if padding is None and S == T else causal_mask(query_slots, S, padding)
         impl = "eager" if output_attentions else self.config._attn_implementation
@@ -180,50 +170,38 @@ class TransformerBlock(GradientCheckpointingLayer):
 class GPTPreTrainedModel(PreTrainedModel):
     config_class = GPTConfig
     base_model_prefix = ""  # a single-class model: model.base_model is the model itself
-    main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
     _supports_sdpa = True
-    _supports_cache_class = True
     _can_compile_fullgraph = True  # no data-dependent branch in forward while compiling (see _checks_values)
-    # Trainer would otherwise skip its division by gradient-accumulation steps (forward has
-    # **kwargs) and log the sum of micro-batch losses.
-    accepts_loss_kwargs = False
+    accepts_loss_kwargs = False  # else Trainer, seeing **kwargs, logs the sum of micro-batch losses
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
-        # transformers guesses this from the source text; our attention looks the implementation up
-        # at every call, so switching is always safe.
-        return True
+        return True  # transformers guesses from the source; our attention looks it up at every call
 
     def _init_weights(self, module: nn.Module) -> None:
         # torch.nn.init (not .data.normal_()): transformers guards these during from_pretrained, so
         # loaded weights are never overwritten.
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             if getattr(module, "is_residual_projection", False):
                 # GPT-2: each block adds two residual branches, so scale them down with depth.
                 std = std / math.sqrt(2 * self.config.num_layers)
             nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
 
 class GPT(GPTPreTrainedModel, GenerationMixin):
-    r"""A GPT-style autoregressive prior over the discrete codes of an image.
-
-    Sequence layout: ``[start, c_1, ..., c_N]`` with ``N = config.seq_len``. Token embedding + learned
-    position embedding (+ class embedding on every position for a class-conditional model) feed
+    r"""A GPT-style autoregressive prior over the codes of an image, ``[start, c_1, ..., c_N]`` with
+    ``N = config.seq_len``: token + learned position (+ class, on every position) embeddings feed
     ``num_layers`` pre-norm blocks, a final LayerNorm and a linear head over ``vocab_size``.
-
-    ``logits, loss = model(input_ids, labels=labels, classes=classes)`` works, and so do
-    ``out.logits``, ``out.loss``, transformers' ``Trainer`` and ``model.generate`` (every strategy,
-    any cache, ``classes=`` passed through).
+    ``logits, loss = model(input_ids, labels=labels, classes=classes)`` works, and so do ``out.logits``,
+    ``out.loss``, ``Trainer`` and ``model.generate`` (every strategy, any cache, ``classes=`` passed on).
 
     Bad ids, classes, labels and positions raise a ``ValueError`` naming the argument. Their values
     are read where it costs no host sync: on CPU tensors, never while compiling or exporting. Set
@@ -249,23 +227,18 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.post_init()
-        if self.generation_config is not None:
-            gc = self.generation_config
-            # Special ids are inputs only: generate() must never sample them.
-            gc.suppress_tokens = list(range(config.codebook_size, config.vocab_size))
-            gc.bos_token_id = config.start_token_id
-            # Fill exactly one image after the start token (or after a given prefix).
-            gc.max_length = config.max_position_embeddings
+        if self.generation_config is not None:  # special ids are never sampled; generate() fills one image
+            self.generation_config.suppress_tokens = list(range(config.codebook_size, config.vocab_size))
+            self.generation_config.bos_token_id = config.start_token_id
+            self.generation_config.max_length = config.max_position_embeddings
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, with ``auto_map`` naming this class for ``AutoModel``
         and ``AutoModelForCausalLM`` (``register_for_auto_class`` records only one of them)."""
         if self._auto_class is not None:
             name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
-            auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            for auto_class in ("AutoModel", "AutoModelForCausalLM"):
-                auto_map.setdefault(auto_class, name)
-            self.config.auto_map = auto_map
+            ours = {"AutoModel": name, "AutoModelForCausalLM": name}
+            self.config.auto_map = {**ours, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
@@ -304,35 +277,30 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids and inputs_embeds (start with config.start_token_id)")
         name, x = ("input_ids", input_ids) if inputs_embeds is None else ("inputs_embeds", inputs_embeds)
         dims = (2,) if inputs_embeds is None else (3, cfg.embed_dim)
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else ()
-        if len(shape) != dims[0] or shape[1] == 0 or shape[2:] != dims[1:]:
+        if not isinstance(x, torch.Tensor) or (x.dim(), *x.shape[2:]) != dims or x.shape[1] == 0:
             layout = "(batch, length)" if inputs_embeds is None else f"(batch, length, {cfg.embed_dim})"
-            got = shape if isinstance(x, torch.Tensor) else type(x).__name__
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{name} must be a tensor of shape {layout} with length >= 1, got {got}")
-        B, T = shape[:2]
-        if input_ids is not None:
-            self._check_ids("input_ids", input_ids, (B, T), cfg.vocab_size)
+        B, T = x.shape[:2]
         # A static cache counts its tokens in a tensor: read it only where that costs no sync.
         past = int(past) if isinstance(past, int) or self._checks_values(past) else None
         if past is not None and past + T > P:
-            raise ValueError(
-                f"{name} is too long: {T} tokens after a cache of {past} is {past + T} positions, but the "
-                f"model holds seq_len + 1 = {P} (the start token plus one image)"
-            )
+            raise ValueError(f"{name} is too long: {T} tokens after a cache of {past} is {past + T} positions, "
+                             f"but the model holds seq_len + 1 = {P} (the start token plus one image)")
         if classes is not None and not cfg.class_conditional:
             raise ValueError("classes was given to an unconditional model (config.class_conditional=False)")
-        if classes is not None:
-            self._check_ids("classes", classes, (B,), cfg.num_classes + 1)  # num_classes is the null class
-        for name, t in (("labels", labels), ("shift_labels", shift_labels)):
-            if t is not None:
-                self._check_ids(name, t, (B, T), cfg.vocab_size, ignore=-100)
-        if position_ids is not None:
-            rows = 1 if getattr(position_ids, "shape", (B,))[0] == 1 else B  # one row may serve the batch
-            self._check_ids("position_ids", position_ids, (rows, T), P)
-        if attention_mask is not None and (
-            attention_mask.dim() != 2 or attention_mask.shape[0] != B
-            or (past is not None and attention_mask.shape[1] != past + T)
+        rows = 1 if getattr(position_ids, "shape", ())[:1] == (1,) else B  # one row of positions may serve all
+        for args in (
+            ("input_ids", input_ids, (B, T), cfg.vocab_size),
+            ("classes", classes, (B,), cfg.num_classes + 1),  # num_classes is the null class
+            ("labels", labels, (B, T), cfg.vocab_size, -100),
+            ("shift_labels", shift_labels, (B, T), cfg.vocab_size, -100),
+            ("position_ids", position_ids, (rows, T), P),
         ):
+            if args[1] is not None:
+                self._check_ids(*args)
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B
+                                           or (past is not None and attention_mask.shape[1] != past + T)):
             raise ValueError(f"attention_mask must have shape (batch, past + length) = ({B}, {past} + {T}), "
                              f"got {tuple(attention_mask.shape)}")
 
@@ -357,24 +325,19 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         r"""
         Args:
             input_ids: (B, T) token ids, ``T <= seq_len + 1 - past``; or ``inputs_embeds`` (B, T, C).
-            labels: (B, T) targets aligned with ``input_ids`` (shifted inside); ``-100`` is ignored.
-                The loss is the mean cross-entropy over the counted targets (their sum divided by
-                ``num_items_in_batch`` when Trainer passes it).
+            labels: (B, T) targets aligned with ``input_ids`` (shifted inside; ``-100`` is ignored): the loss
+                is their mean cross-entropy (their sum over ``num_items_in_batch`` when Trainer passes it).
             classes: (B,) class ids in ``[0, num_classes]`` (``num_classes``, or None: the null class).
             attention_mask: (B, past + T), 1 for real tokens and 0 for padding.
             position_ids: (B, T) positions; by default the tokens' cache slots, ``past + arange(T)``.
-            cache / past_key_values: any transformers ``Cache``, dynamic or static (``cache`` is the
-                5.24 name; the old one works, with transformers' deprecation warning from 5.24).
-            logits_to_keep: compute the head (and the loss) for the last k positions only (0: all),
-                or for the positions in a 1-D index tensor; generate() asks for 1.
-            shift_labels: (B, T) targets already shifted (position t predicts ``shift_labels[:, t]``),
-                as Trainer passes them for context parallelism; used instead of ``labels``.
+            cache / past_key_values: any ``Cache`` (the old name warns where transformers renamed it).
+            logits_to_keep: the head (and loss) for the last k positions only (0: all) or a 1-D index tensor.
+            shift_labels: (B, T) targets already shifted, as Trainer's context parallelism passes them.
             cache_position (keyword): the new tokens' cache slots, as transformers 4.x passes them.
             use_cache, output_attentions, output_hidden_states, return_dict: default to the config.
 
-        Returns a :class:`GPTOutput`, or with ``return_dict=False`` its ``to_tuple()`` as every
-        transformers model: the fields that are not None among (loss, logits, cache, hidden_states,
-        attentions), in that order.
+        Returns a :class:`GPTOutput`, or with ``return_dict=False`` its ``to_tuple()``: the fields that are
+        not None among (loss, logits, cache, hidden_states, attentions), in that order.
         """
         unknown = sorted(set(kwargs) - _EXTRA_KWARGS)
         if unknown:
@@ -425,12 +388,11 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
             # Shift the labels, not the logits: no copy of the (B, T, vocab) tensor.
             targets = shift_labels if shift_labels is not None else F.pad(labels[:, 1:], (0, 1), value=-100)
             targets = targets[:, keep].reshape(-1)
+            # With Trainer's num_items_in_batch: the mean over every micro-batch of an accumulated step.
             n_items = kwargs.get("num_items_in_batch")
             flat = logits.view(-1, logits.shape[-1]).float()
-            if n_items is None:
-                loss = F.cross_entropy(flat, targets, ignore_index=-100)
-            else:  # the mean over every micro-batch of an accumulated step
-                loss = F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum") / n_items
+            loss = F.cross_entropy(flat, targets, ignore_index=-100, reduction="mean" if n_items is None else "sum")
+            loss = loss if n_items is None else loss / n_items
 
         cache = {_CACHE_FIELD: cache if use_cache else None}
         out = GPTOutput(loss=loss, logits=logits, hidden_states=all_hidden, attentions=all_attn, **cache)
