@@ -78,9 +78,8 @@ class CodeDatasetWriter:
             for codes, labels in batches:          # codes (n, H, W), labels (n,)
                 writer.add(codes, labels)
 
-    Every file is written under a temporary name and moved into place with `os.replace`, and
-    `dataset.json` comes last, so a crash leaves a folder that readers reject as incomplete, never
-    one that looks complete. If the block raises, the shards written so far are removed.
+    Every file is written atomically and `dataset.json` comes last, so a crash leaves a folder that
+    readers reject as incomplete. If the block raises, the shards written so far are removed.
 
     Args:
         path: the dataset folder (created if needed).
@@ -167,14 +166,10 @@ class CodeDatasetWriter:
         n = codes.shape[0]
         _check_range(codes.reshape(n, -1), self.codebook_size, "code",
                      "codes row {row} (item {item})", self.num_items, grid=self.grid)
-        if self.num_classes == 0:
-            if labels is not None:
-                raise ValueError("labels were given but num_classes=0 (an unconditional dataset);"
-                                 " pass num_classes to store labels")
-        else:
-            if labels is None:
-                raise ValueError(f"labels are required: the dataset has num_classes="
-                                 f"{self.num_classes}")
+        if (labels is None) != (self.num_classes == 0):
+            raise ValueError(f"labels are required: the dataset has num_classes={self.num_classes}" if labels is None
+                             else "labels were given but num_classes=0 (an unconditional dataset); pass num_classes")
+        if labels is not None:
             labels = as_tensor("labels", labels, integer=True).cpu()
             if tuple(labels.shape) != (n,):
                 raise ValueError(f"labels must have shape ({n},) to match codes, "
@@ -219,21 +214,14 @@ class CodeDatasetWriter:
         for stale in self.path.iterdir():
             if _SHARD_RE.fullmatch(stale.name) and stale.name not in keep:
                 stale.unlink()
-        metadata = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "codebook_size": self.codebook_size,
-            "grid": list(self.grid),  # type: ignore[arg-type]
-            "num_classes": self.num_classes,
-            "class_names": self.class_names,
-            "num_items": self.num_items,
-            "description": self.description,
-            "codes_dtype": str(self.codes_dtype).removeprefix("torch."),
-            "labels_dtype": (None if self.labels_dtype is None
-                             else str(self.labels_dtype).removeprefix("torch.")),
-            "shards": self.shards,
-        }
-        write_json(self.path / METADATA_NAME, metadata)
+        codes_dtype, labels_dtype = (None if dtype is None else str(dtype).removeprefix("torch.")
+                                     for dtype in (self.codes_dtype, self.labels_dtype))
+        write_json(self.path / METADATA_NAME, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "codebook_size": self.codebook_size,
+            "grid": list(self.grid), "num_classes": self.num_classes, "class_names": self.class_names,  # type: ignore
+            "num_items": self.num_items, "description": self.description, "codes_dtype": codes_dtype,
+            "labels_dtype": labels_dtype, "shards": self.shards,
+        })
         self._closed = True
         return self.path
 
@@ -551,14 +539,12 @@ def _validate_shard(file: Path, num_items: int, first_item: int, meta: dict[str,
     codes_dtype = np.dtype(_INT_DTYPES[header["codes"]["dtype"]])
     codes_offset = data_start + header["codes"]["data_offsets"][0]
     where = f"{file.name} row {{row}} (item {{item}})"
-    if num_items:
-        codes = np.memmap(file, dtype=codes_dtype, mode="r", offset=codes_offset,
-                          shape=(num_items, grid[0] * grid[1]))
-        step = max(1, _SCAN_ELEMENTS // codes.shape[1])
-        for begin in range(0, num_items, step):
-            _check_range(codes[begin:begin + step], meta["codebook_size"], "code", where,
-                         first_item, row_offset=begin, grid=grid)
-        del codes
+    # num_items >= 1: the metadata check saw to it.
+    codes = np.memmap(file, dtype=codes_dtype, mode="r", offset=codes_offset, shape=(num_items, grid[0] * grid[1]))
+    step = max(1, _SCAN_ELEMENTS // codes.shape[1])
+    for begin in range(0, num_items, step):
+        _check_range(codes[begin:begin + step], meta["codebook_size"], "code", where, first_item, begin, grid)
+    del codes
     labels = None
     if "labels" in wanted:
         entry = header["labels"]
