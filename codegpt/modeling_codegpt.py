@@ -37,11 +37,10 @@ class GPTOutput(CausalLMOutputWithPast):
     def __iter__(self):
         return iter((self.logits, self.loss))
 
-    if _CACHE_FIELD == "past_key_values":
+    if _CACHE_FIELD == "past_key_values":  # the KV cache under its 5.24 name on older transformers too
 
         @property
         def cache(self):
-            """The KV cache under its 5.24 name, so ``out.cache`` works on older transformers too."""
             return self.past_key_values
 
 
@@ -79,12 +78,12 @@ class ClassEmbedding(nn.Embedding):
     """One learned vector per class, plus the null class (row ``num_classes``, "no condition") that
     makes classifier-free guidance possible. ``cls_emb(classes, B)`` is (B, C): the null class for
     ``classes=None``; in training mode each class becomes the null class with probability
-    ``dropout_prob``, so that one model learns the conditional and the unconditional distribution."""
+    ``class_dropout_prob``, so that one model learns the conditional and the unconditional distribution."""
 
-    def __init__(self, num_classes: int, embed_dim: int, dropout_prob: float = 0.0) -> None:
-        super().__init__(num_classes + 1, embed_dim)
-        self.null_class = num_classes
-        self.dropout_prob = dropout_prob
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config.num_classes + 1, config.embed_dim)
+        self.null_class = config.num_classes
+        self.dropout_prob = config.class_dropout_prob
 
     def forward(self, classes: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         if classes is None:
@@ -217,10 +216,7 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.embed_dim)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.embed_dim)
-        self.cls_emb = (
-            ClassEmbedding(config.num_classes, config.embed_dim, config.class_dropout_prob)
-            if config.class_conditional else None
-        )
+        self.cls_emb = ClassEmbedding(config) if config.class_conditional else None
         self.drop = nn.Dropout(config.embd_dropout)
         self.h = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
@@ -339,8 +335,7 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         Returns a :class:`GPTOutput`, or with ``return_dict=False`` its ``to_tuple()``: the fields that are
         not None among (loss, logits, cache, hidden_states, attentions), in that order.
         """
-        unknown = sorted(set(kwargs) - _EXTRA_KWARGS)
-        if unknown:
+        if unknown := sorted(set(kwargs) - _EXTRA_KWARGS):
             raise TypeError(f"GPT.forward() got unexpected keyword arguments {unknown}")
         cfg = self.config
         cache = cache if cache is not None else past_key_values
