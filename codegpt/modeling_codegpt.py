@@ -180,8 +180,7 @@ class GPTPreTrainedModel(PreTrainedModel):
         return True  # transformers guesses from the source; our attention looks it up at every call
 
     def _init_weights(self, module: nn.Module) -> None:
-        # torch.nn.init (not .data.normal_()): transformers guards these during from_pretrained, so
-        # loaded weights are never overwritten.
+        # torch.nn.init (not .data.normal_()), which from_pretrained guards: loaded weights stay.
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             if getattr(module, "is_residual_projection", False):
@@ -325,11 +324,9 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
                 is their mean cross-entropy (their sum over ``num_items_in_batch`` when Trainer passes it).
             classes: (B,) class ids in ``[0, num_classes]`` (``num_classes``, or None: the null class).
             attention_mask: (B, past + T), 1 for real tokens and 0 for padding.
-            position_ids: (B, T) positions; by default the tokens' cache slots, ``past + arange(T)``.
             cache / past_key_values: any ``Cache`` (the old name warns where transformers renamed it).
-            logits_to_keep: the head (and loss) for the last k positions only (0: all) or a 1-D index tensor.
-            shift_labels: (B, T) targets already shifted, as Trainer's context parallelism passes them.
-            cache_position (keyword): the new tokens' cache slots, as transformers 4.x passes them.
+            position_ids (default: the tokens' cache slots), logits_to_keep (0: all), shift_labels (used
+                instead of ``labels``), cache_position (a keyword, from 4.x's generate): as in transformers.
             use_cache, output_attentions, output_hidden_states, return_dict: default to the config.
 
         Returns a :class:`GPTOutput`, or with ``return_dict=False`` its ``to_tuple()``: the fields that are
