@@ -389,12 +389,8 @@ def _results(metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: s
 
 
 def _template(template_path: str | os.PathLike[str] | None) -> tuple[Path, str]:
-    if template_path is None:
-        # A wheel carries the template inside the package (a link in a source checkout).
-        here = Path(__file__).resolve().parent
-        template_path = next((p for p in (here / "model_card.md", here.parent / "model_card.md") if p.is_file()),
-                             here / "model_card.md")
-    path = Path(template_path)
+    # The package carries the template (a link to the top-level model_card.md in a source checkout).
+    path = Path(__file__).with_name("model_card.md") if template_path is None else Path(template_path)
     if not path.is_file():
         raise FileNotFoundError(f"template_path: no such file {str(path)!r} (codegpt push --template FILE)")
     return path, path.read_text(encoding="utf-8")
@@ -441,11 +437,12 @@ def render_model_card(
 
     model_name = info.model_name or repo_id.split("/")[-1]
     dataset_name = info.dataset_name or info.dataset_id
+    conditional = ["class-conditional"] if config.class_conditional else []
     card_data = ModelCardData(
         license=info.license,
         library_name="transformers",
         pipeline_tag=PIPELINE_TAG,
-        tags=list(dict.fromkeys([*_BASE_TAGS, *["class-conditional"][: config.class_conditional], *info.tags])),
+        tags=list(dict.fromkeys([*_BASE_TAGS, *conditional, *info.tags])),
         datasets=[info.dataset_id] if info.dataset_id else None,
         metrics=sorted({m.key for m in results}) or None,
         base_model=info.base_model,
@@ -651,7 +648,7 @@ def push_to_hub(
     repo_id = _check_repo_id(repo_id)
     _check_text("commit_message", commit_message)
     prepared = _prepare(model_dir, repo_id=repo_id, **kwargs)
-    model, card = prepared[0], prepared[3]
+    model, _, _, card = prepared
     message = commit_message or f"Upload codegpt prior ({_format_count(model.num_parameters())} parameters)"
     api = huggingface_hub.HfApi(token=token) if api is None else api
     with tempfile.TemporaryDirectory(prefix="codegpt-push-") as tmp:
