@@ -158,30 +158,14 @@ def test_empirical_frequencies_match_processed_softmax(temperature, top_k, top_p
     n = 20000
     prompt = prefix_ids(model, 1, 3)
     classes = 2
-    if where == "prefill":  # the first sampled code comes out of the prompt's forward
-        out = generate(
-            model,
-            prompt.expand(n, -1),
-            max_new_tokens=1,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            classes=classes,
-            generator=1234,
-        )
+    # The first sampled code comes out of the prompt's forward; with a forced first code, the second
+    # one comes out of a cached decode step.
+    extra = dict(max_new_tokens=1) if where == "prefill" else dict(max_new_tokens=2, logits_processor=[ForceCode(7)])
+    out = generate(model, prompt.expand(n, -1), temperature=temperature, top_k=top_k, top_p=top_p, classes=classes,
+                   generator=1234, **extra)
+    if where == "prefill":
         context = prompt
-    else:  # the second one out of a cached decode step
-        out = generate(
-            model,
-            prompt.expand(n, -1),
-            max_new_tokens=2,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            classes=classes,
-            generator=1234,
-            logits_processor=[ForceCode(7)],
-        )
+    else:
         assert torch.all(out[:, -2] == 7)
         context = out[:1, :-1]
     scores = full_logits(model, context, torch.tensor([classes]))[0, -1]
