@@ -27,7 +27,6 @@ import operator
 import os
 import re
 import struct
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -443,11 +442,9 @@ def fit_code_dataset(
     out_dir, n = Path(out_dir), vectors.shape[0]
     train_idx, val_idx = split_indices(n, val_fraction, seed) if val_fraction else (list(range(n)), [])
     fit_on = vectors[torch.tensor(train_idx)] if val_idx else vectors
-    start = time.perf_counter()
     codebook = Codebook.fit(
         fit_on, num_codes, metric=metric, seed=seed, progress=progress, description=codebook_description
     )
-    fit_seconds = time.perf_counter() - start
     codes = codebook.encode(vectors)  # (N, H, W)
     path = write_code_dataset(
         out_dir / "data", codes, labels, codebook_size=num_codes, num_classes=num_classes,
@@ -455,7 +452,7 @@ def fit_code_dataset(
     )
     codebook.save_pretrained(out_dir / "codebook")
 
-    stats = codebook.stats(vectors)
+    stats, fit_seconds = codebook.stats(vectors), codebook.fit_info.seconds  # type: ignore[union-attr]
     metrics: dict[str, Any] = {"mse": stats.mse, "fit_seconds": fit_seconds, "perplexity": stats.perplexity,
                                "dead_codes": stats.dead_codes, "num_images": n, "grid": tuple(codes.shape[1:])}
     dataset = CodeDataset(path)
