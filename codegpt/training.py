@@ -52,7 +52,7 @@ class TrainingArguments:
 
     The global batch is ``per_device_batch_size * num_processes * gradient_accumulation_steps``.
     Interval arguments (``eval_every``, ``save_every``, ``sample_every``) are in steps; 0 turns the
-    periodic action off (evaluation and samples still happen once at the end).
+    periodic action off (evaluation and samples still happen at the end; the last checkpoint does not).
     """
 
     output_dir: str | os.PathLike
