@@ -29,6 +29,7 @@ a complete folder::
     out_dir/
       codebook/       the codebook; its config.json records the autoencoder ("autoencoder")
       train/ val/     code datasets (codegpt.data)
+      source_indices.safetensors   "train", "val": the source item each code grid came from
       encoding.json   source, autoencoder spec, split, counts, skipped files, codebook usage
 """
 
@@ -47,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .autoencoders import Autoencoder, check_autoencoder, load_autoencoder
@@ -66,6 +68,7 @@ __all__ = [
     "encode_images",
     "iter_image_batches",
     "load_encoding",
+    "load_source_indices",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 RESIZE_MODES = ("crop", "stretch", "refuse")
 ON_ERROR = ("raise", "skip")
 ENCODING_NAME = "encoding.json"
+INDICES_NAME = "source_indices.safetensors"  # tensors "train", "val": the source item of each code grid
 PARTIAL_NAME = ".encode-partial"
 FORMAT = "codegpt.encoding"
 FORMAT_VERSION = 1
@@ -537,11 +541,12 @@ def _together(state: Any, work: Path, step: Any) -> None:
         error = err
         (work / f"error-{state.process_index}.txt").write_text(f"{type(err).__name__}: {err}")
     state.wait_for_everyone()
+    failed = sorted(work.glob("error-*.txt"))
+    state.wait_for_everyone()  # every process has looked before the main one clears the work folder
+    if failed and state.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)
     if error is not None:
-        if state.is_main_process:
-            shutil.rmtree(work, ignore_errors=True)
         raise error
-    failed = sorted(work.glob("error-*.txt")) if work.exists() else []
     if failed:
         raise RuntimeError(f"encoding failed in another process: {failed[0].read_text()}")
 
@@ -630,6 +635,11 @@ def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path,
 
     # The codes, in source order, each image to its part of the split.
     labels_all = np.concatenate([labels for _, labels, _ in parts])
+    # Which source item each code grid came from, so evaluation can read the real held-out images.
+    source_index = torch.from_numpy(np.concatenate([np.load(work / f"indices-{rank:05d}.npy")
+                                                    for rank in range(world)]).astype(np.int64))
+    save_file({"train": source_index[torch.from_numpy(~is_val)].contiguous(),
+               "val": source_index[torch.from_numpy(is_val)].contiguous()}, str(work / INDICES_NAME))
     usage = {"train": _Usage(codebook.num_codes), "val": _Usage(codebook.num_codes)}
     common = {"codebook_size": codebook.num_codes, "num_classes": source.num_classes,
               "class_names": source.class_names, "grid": (h, w),
@@ -673,9 +683,10 @@ def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path,
     # Into place: the old encoding's marker goes first, the new one comes last.
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ENCODING_NAME).unlink(missing_ok=True)
-    moves = ["codebook", "train"] + (["val"] if num_val else [])
+    moves = ["codebook", "train", INDICES_NAME] + (["val"] if num_val else [])
     for name in ("codebook", "train", "val", "latents"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
+    (out_dir / INDICES_NAME).unlink(missing_ok=True)
     for name in moves:
         os.replace(work / name, out_dir / name)
     if keep_latents:
@@ -734,6 +745,12 @@ def load_encoding(out_dir: str | os.PathLike[str], *, autoencoder: Autoencoder |
     else:
         check_autoencoder(record["autoencoder"], autoencoder, what=f"the codes in {out_dir}")
     return record, codebook, autoencoder
+
+
+def load_source_indices(out_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The source item of every code grid of an encoding: {"train": (n_train,), "val": (n_val,)}, in
+    dataset order (e.g. to read the real held-out images for FID with `iter_image_batches`)."""
+    return load_file(str(Path(out_dir) / INDICES_NAME))
 
 
 def check_prior(config: Any, codebook: Codebook, autoencoder: Autoencoder) -> None:

@@ -25,6 +25,7 @@ from codegpt.images import (
     decode_codes,
     encode_images,
     load_encoding,
+    load_source_indices,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +106,9 @@ def test_folder_datasets_and_arrays_give_identical_code_datasets(tmp_path):
     assert torch.equal(Codebook.from_pretrained(tmp_path / "arrays" / "codebook").encode(
         ae.encode(torch.from_numpy(images[val_part.indices])[:, None].float() / 255)).flatten(1), val_codes[:, 1:])
     assert whole_codes.shape[0] == 36
+    indices = load_source_indices(tmp_path / "arrays")
+    assert indices["val"].tolist() == val_part.indices
+    assert sorted(indices["train"].tolist() + indices["val"].tolist()) == list(range(36))
 
 
 def test_codes_decode_back_through_the_recorded_autoencoder(tmp_path):
