@@ -80,13 +80,30 @@ _METRIC_NAMES = {
     "judge_accuracy_real": "Judge accuracy, real held-out images",
     "codebook_mse": "Codebook reconstruction MSE, held out",
     "codebook_mse_train": "Codebook reconstruction MSE, training split",
+    "fid_guided": "FID, guided samples vs held-out images",
+    "fid_unguided": "FID, unguided samples vs held-out images",
+    "fid_unconditional": "FID, samples vs held-out images",
+    "kid_mean_guided": "KID, guided samples vs held-out images",
+    "kid_mean_unguided": "KID, unguided samples vs held-out images",
+    "kid_mean_unconditional": "KID, samples vs held-out images",
+    "inception_score_mean_guided": "Inception Score, guided samples",
+    "inception_score_mean_unguided": "Inception Score, unguided samples",
+    "inception_score_mean_unconditional": "Inception Score, samples",
+    "fid_reconstruction": "Reconstruction FID, held-out images through autoencoder + codebook (the ceiling)",
+    "fid_autoencoder": "Reconstruction FID, held-out images through the autoencoder alone",
+    "mse_reconstruction": "Reconstruction MSE (pixels in [0, 1]), through autoencoder + codebook",
+    "mse_autoencoder": "Reconstruction MSE (pixels in [0, 1]), through the autoencoder alone",
 }
+# The feature network behind FID/KID/IS, a text next to them in a metrics record (`codegpt eval --fid`).
+_FEATURE_NETWORK_KEYS = ("fid_feature_network", "feature_network")
 # Metrics measured on samples, whose value depends on the sampling settings: a card must state them.
 _SAMPLE_BASED = re.compile(r"fid|inception|precision|recall|novelty|consistency|distinct|diversity")
+_IMAGE_METRIC = re.compile(r"fid|kid|inception")
 # Numbers a training log holds next to its metrics that say nothing about the model's quality.
 _BOOKKEEPING = re.compile(
     r"(^|_)(step|steps|epoch|epochs|runtime|seconds|time|samples_per_second|steps_per_second|"
-    r"tokens_per_second|lr|learning_rate|grad_norm|num_tokens|num_codes|num_samples|world_size|seed)$"
+    r"tokens_per_second|lr|learning_rate|grad_norm|num_tokens|num_codes|num_samples|world_size|seed|num_real|"
+    r"num_fake|num_images|std_guided|std_unguided|std_unconditional)$"
 )
 _SPLIT_PREFIXES = {"eval_": "validation", "val_": "validation", "valid_": "validation", "test_": "test"}
 # Training arguments about where and how a run was launched, not about the model (output_dir would
@@ -250,6 +267,18 @@ def _eval_sampling_from(metrics: Mapping[str, Any] | None) -> str | None:
     if guidance is not None:
         text += f"; guided figures at guidance scale {guidance:g}, unguided ones without guidance"
     return text
+
+
+def _feature_network(metrics: Mapping[str, Any] | None) -> str | None:
+    """What FID/KID/IS were measured with, said next to the metrics (``codegpt eval --fid`` writes it)."""
+    if not isinstance(metrics, Mapping):
+        return None
+    for record in (*(metrics.get(k) for k in ("final", "eval", "metrics")), metrics):
+        if isinstance(record, Mapping):
+            for key in _FEATURE_NETWORK_KEYS:
+                if isinstance(record.get(key), str):
+                    return record[key]
+    return None
 
 
 def _check_repo_id(repo_id: object, name: str = "repo_id") -> str:
@@ -474,6 +503,7 @@ def render_model_card(
         sampling_summary=sampling.summary(config.class_conditional), metrics=results, eval_sampling=eval_sampling,
         dataset_name=dataset_name, dataset_id=info.dataset_id, training_args=_training_rows(training_args),
         transformers_range=" and ".join(TESTED_TRANSFORMERS), min_torch=MIN_TORCH,
+        feature_network=_feature_network(metrics) if any(_IMAGE_METRIC.search(m.key) for m in results) else None,
     )
 
     path, template = _template(template_path)
@@ -532,9 +562,9 @@ def _prepare(
     data_dir: str | os.PathLike[str] | None = None,
     eval_sampling: str | None = None,
     template_path: str | os.PathLike[str] | None = None,
-) -> tuple[Any, Codebook | None, SamplingSettings, functools.partial]:
-    """The model, codebook, sampling settings and card (a function of the revision it pins), each
-    checked before anything is written."""
+) -> tuple[Any, Codebook | None, SamplingSettings, functools.partial, dict | None]:
+    """The model, codebook, sampling settings, card (a function of the revision it pins) and the extra
+    codebook config (the autoencoder it was fitted on), each checked before anything is written."""
     run = resolve_run(model_dir)
     model = load_model(run.model_dir, device="cpu")
     # Explicit inputs win over what the run recorded; an empty mapping means "none".
@@ -545,22 +575,25 @@ def _prepare(
     info = CardInfo() if info is None else info
     if data_dir is not None:
         info = _with_dataset(info, data_dir, model.config)
-    codebook = None
+    codebook, codebook_config = None, None
     if codebook_dir is not None:
         if not isinstance(codebook_dir, (str, os.PathLike)) or not Path(codebook_dir).is_dir():
             raise FileNotFoundError(f"codebook_dir: no such directory {str(codebook_dir)!r}")
         codebook = Codebook.from_pretrained(codebook_dir)
+        # The autoencoder the codebook was fitted on (`codegpt encode` records it) ships with it.
+        recorded = read_json(Path(codebook_dir) / "config.json", "codebook_dir").get("autoencoder")
+        codebook_config = {"autoencoder": recorded} if recorded else None
     card = functools.partial(
         render_model_card, model.config, repo_id=repo_id, info=info, sampling=sampling, metrics=metrics,
         training_args=training_args, codebook=codebook, num_parameters=model.num_parameters(),
         eval_sampling=eval_sampling, template_path=template_path,
     )
     card(revision=None)
-    return model, codebook, sampling, card
+    return model, codebook, sampling, card, codebook_config
 
 
 def _write_folder(prepared: tuple, out_dir: Path, revision: str | None, overwrite: bool) -> Path:
-    model, codebook, sampling, card = prepared
+    model, codebook, sampling, card, codebook_config = prepared
     cfg = model.config
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"out_dir: {str(out_dir)!r} exists and is not empty (pass overwrite=True / --overwrite)")
@@ -580,7 +613,7 @@ def _write_folder(prepared: tuple, out_dir: Path, revision: str | None, overwrit
         gen.validate()
         model.save_pretrained(tmp)
         if codebook is not None:
-            codebook.save_pretrained(tmp / CODEBOOK_DIR)
+            codebook.save_pretrained(tmp / CODEBOOK_DIR, config=codebook_config)
             (tmp / CODEBOOK_DIR / README_NAME).unlink(missing_ok=True)  # the repo has one card: the model's
         write_text(tmp / README_NAME, str(card(revision=revision)))
         written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
@@ -648,7 +681,7 @@ def push_to_hub(
     repo_id = _check_repo_id(repo_id)
     _check_text("commit_message", commit_message)
     prepared = _prepare(model_dir, repo_id=repo_id, **kwargs)
-    model, _, _, card = prepared
+    model, _, _, card, _ = prepared
     message = commit_message or f"Upload codegpt prior ({_format_count(model.num_parameters())} parameters)"
     api = huggingface_hub.HfApi(token=token) if api is None else api
     with tempfile.TemporaryDirectory(prefix="codegpt-push-") as tmp:

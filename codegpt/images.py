@@ -28,7 +28,8 @@ a complete folder::
 
     out_dir/
       codebook/       the codebook; its config.json records the autoencoder ("autoencoder")
-      train/ val/     code datasets (codegpt.data)
+      train/ val/     code datasets (codegpt.data); each dataset.json records the autoencoder, the
+                      codebook ("../codebook"), its part of the split and the source
       source_indices.safetensors   "train", "val": the source item each code grid came from
       encoding.json   source, autoencoder spec, split, counts, skipped files, codebook usage
 """
@@ -66,6 +67,7 @@ __all__ = [
     "convert_image",
     "decode_codes",
     "encode_images",
+    "image_decoder",
     "iter_image_batches",
     "load_encoding",
     "load_source_indices",
@@ -201,8 +203,14 @@ class DatasetSource(ImageSource):
             else:
                 data = datasets.load_dataset(name, split=split, revision=revision, **load_kwargs)
             self.description = f"datasets {name} split {split}" + (f" revision {revision}" if revision else "")
+            if os.path.isdir(name):
+                name = os.path.abspath(name)
+            self._reopen = {"data": name, "split": split, "revision": revision,
+                            "load_kwargs": {k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                                            for k, v in load_kwargs.items() if isinstance(v, (str, os.PathLike))}}
         else:
             self.description = f"datasets.Dataset {getattr(data, 'info', None) and data.info.dataset_name or ''}"
+            self._reopen = {}  # an in-memory data set cannot be read again from a record
         if isinstance(data, datasets.DatasetDict):
             raise ValueError(f"data is a DatasetDict with splits {list(data)}: pick one (split=...)")
         if not isinstance(data, datasets.Dataset):
@@ -248,7 +256,9 @@ class DatasetSource(ImageSource):
         return f"{self.description.strip()} row {index}"
 
     def record(self) -> dict[str, Any]:
-        return {**super().record(), "image_column": self.image_column, "label_column": self.label_column}
+        # data/split/revision/load_kwargs (a name or folder given) let evaluation read the images again.
+        return {**super().record(), "image_column": self.image_column, "label_column": self.label_column,
+                **self._reopen}
 
 
 class ArraySource(ImageSource):
@@ -644,9 +654,17 @@ def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path,
     common = {"codebook_size": codebook.num_codes, "num_classes": source.num_classes,
               "class_names": source.class_names, "grid": (h, w),
               "description": f"{source.description}; {_describe(autoencoder, source)}"}
-    writers = {"train": CodeDatasetWriter(work / "train", **common)}
+    # Each part records what made its codes and its place in the split: the codebook beside it, the
+    # autoencoder (so decoding needs no flags and refuses another one), the split and the source.
+    split = {"val_fraction": val_fraction, "seed": seed, "num_train": num_train, "num_val": num_val}
+
+    def metadata(part: str) -> dict[str, Any]:
+        return {"autoencoder": spec, "codebook": "../codebook", "split": {"part": part, **split},
+                "source": source.record()}
+
+    writers = {"train": CodeDatasetWriter(work / "train", **common, metadata=metadata("train"))}
     if num_val:
-        writers["val"] = CodeDatasetWriter(work / "val", **common)
+        writers["val"] = CodeDatasetWriter(work / "val", **common, metadata=metadata("val"))
     try:
         step = 4096
         for begin in range(0, total, step):
@@ -675,7 +693,7 @@ def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path,
         "latent_grid": [h, w],
         "codebook": {"num_codes": codebook.num_codes, "dim": codebook.dim, "fitted": codebook.fit_info is not None,
                      "seed": codebook.seed},
-        "split": {"val_fraction": val_fraction, "seed": seed, "num_train": num_train, "num_val": num_val},
+        "split": split,
         "num_images": total,
         "skipped": skipped,
         "usage": {name: u.summary() for name, u in usage.items() if u.vectors},
@@ -789,3 +807,17 @@ def decode_codes(codes: torch.Tensor, codebook: Codebook, autoencoder: Autoencod
         chunk = codes[begin:begin + batch_size]
         out[begin:begin + len(chunk)] = autoencoder.decode(codebook.decode(chunk))
     return out
+
+
+def image_decoder(codebook: Codebook, autoencoder: Autoencoder) -> Any:
+    """A `codegpt.runs.Decoder` for sample grids: codes (B, h, w) -> images (B, H, W) for one channel,
+    (B, H, W, 3) for colour (an alpha channel is dropped), values in [0, 1]."""
+    if codebook.dim != autoencoder.latent_dim:
+        raise ValueError(f"codebook dim {codebook.dim} does not match the autoencoder's latent_dim "
+                         f"{autoencoder.latent_dim}")
+
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        images = decode_codes(codes, codebook, autoencoder)
+        return images[:, 0] if images.shape[1] == 1 else images[:, :3].permute(0, 2, 3, 1)
+
+    return decode

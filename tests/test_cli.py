@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import reset_accelerate
@@ -154,3 +155,167 @@ def test_python_dash_m_codegpt_help():
     assert proc.returncode == 0, proc.stderr
     for command in ("demo", "fit-codebook", "train", "sample", "eval", "push"):
         assert command in proc.stdout
+
+
+# ------------------------------------------------------------------ images in, images out
+
+
+def _png_folder(root: Path, n: int = 24, size: int = 8, classes=("a", "b", "c")) -> Path:
+    """n grey PNGs in class subfolders; the classes differ in brightness."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        label = i % len(classes)
+        folder = root / classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 80, (size, size)) + 80 * label
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def _tiny_vae(folder: Path, seed: int = 0) -> Path:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                            latent_channels=4, norm_num_groups=4, sample_size=8,
+                            mid_block_add_attention=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoded_run(tmp_path_factory):
+    """PNGs -> a tiny saved AutoencoderKL -> `codegpt encode` -> `codegpt train` (a toy prior, a few steps)."""
+    pytest.importorskip("torchmetrics")
+    root = tmp_path_factory.mktemp("images")
+    reset_accelerate()
+    folder, vae = _png_folder(root / "pngs"), _tiny_vae(root / "vae")
+    assert main(["encode", "--images", str(folder), "--autoencoder", str(vae), "--num-codes", "8",
+                 "--val-fraction", "0.25", "--batch-size", "8", "--out", str(root / "enc"), "--no-progress"]) == 0
+    reset_accelerate()
+    assert main(["train", "--data", str(root / "enc"), "--out", str(root / "run"), "--steps", "3",
+                 "--batch-size", "8", "--embed-dim", "16", "--layers", "1", "--heads", "2", "--no-progress",
+                 "--samples-per-class", "2"]) == 0
+    return root
+
+
+def test_encode_records_the_autoencoder_codebook_and_split(encoded_run):
+    enc = encoded_run / "enc"
+    for part, count in (("train", 18), ("val", 6)):
+        meta = json.loads((enc / part / "dataset.json").read_text())
+        assert meta["num_items"] == count and meta["grid"] == [4, 4] and meta["class_names"] == ["a", "b", "c"]
+        assert meta["autoencoder"]["class"] == "AutoencoderKL"
+        assert meta["autoencoder"]["source"] == str((encoded_run / "vae").resolve())
+        assert (enc / part / meta["codebook"]).resolve() == (enc / "codebook").resolve()
+        assert meta["split"]["part"] == part and meta["split"]["val_fraction"] == 0.25
+    run = json.loads((encoded_run / "run" / "data.json").read_text())
+    assert run["codebook"] == str((enc / "codebook").resolve())
+    assert run["autoencoder"]["weights_sha256"] == meta["autoencoder"]["weights_sha256"]
+    assert (encoded_run / "run" / "samples.png").is_file()
+
+
+def test_encode_prints_readable_usage_with_the_mse_labelled(tmp_path, capsys):
+    folder = _png_folder(tmp_path / "pngs")
+    assert main(["encode", "--images", str(folder), "--autoencoder", "patches", "--patch", "2", "--image-size", "8",
+                 "--channels", "1", "--num-codes", "6", "--val-fraction", "0.25", "--out", str(tmp_path / "enc"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out latent MSE" in out and "training split (not held out)" in out
+    assert "perplexity" in out and "dead codes" in out and "most used code" in out
+    meta = json.loads((tmp_path / "enc" / "train" / "dataset.json").read_text())
+    assert meta["grid"] == [4, 4] and meta["autoencoder"]["kind"] == "patches"
+
+
+def test_sample_writes_pixel_images_through_the_recorded_autoencoder(encoded_run, tmp_path, capsys):
+    png, each = tmp_path / "grid.png", tmp_path / "each"
+    assert main(["sample", str(encoded_run / "run"), "--out", str(png), "--per-class", "2",
+                 "--save-individual", str(each)]) == 0
+    from PIL import Image
+
+    files = sorted(each.glob("*.png"))
+    assert [f.name for f in files[:3]] == ["00000-class0.png", "00001-class0.png", "00002-class1.png"]
+    assert len(files) == 6 and Image.open(files[0]).size == (8, 8) and Image.open(files[0]).mode == "L"
+    width, height = Image.open(png).size
+    assert height > width  # 3 rows of 2
+
+
+def test_eval_fid_writes_fid_and_reconstruction_fid(encoded_run, tmp_path, capsys):
+    metrics_json = tmp_path / "m.json"
+    assert main(["eval", str(encoded_run / "run"), "--fid", "--fid-steps", "5", "--samples-per-class", "3",
+                 "--out", str(metrics_json)]) == 0
+    out = capsys.readouterr().out
+    assert "not comparable with published FIDs" in out
+    m = json.loads(metrics_json.read_text())["eval"]
+    for key in ("fid_guided", "fid_unguided", "fid_reconstruction", "fid_autoencoder", "kid_mean_guided",
+                "class_consistency_guided", "judge_accuracy", "bits_per_code"):
+        assert isinstance(m[key], float) and np.isfinite(m[key]), key
+    assert m["fid_num_real"] == 6 and "FeatureNet" in m["fid_feature_network"]
+
+    # The metrics go onto the card's model-index.
+    card = tmp_path / "upload"
+    assert main(["push", str(encoded_run / "run"), "--repo-id", "me/tiny", "--dry-run", str(card),
+                 "--metrics", str(metrics_json), "--dataset-id", "tiny-pngs", "--license", "mit"]) == 0
+    readme = (card / "README.md").read_text()
+    assert "FID, guided samples" in readme and "Reconstruction FID" in readme and "FeatureNet" in readme
+    codebook_config = json.loads((card / "codebook" / "config.json").read_text())
+    run = json.loads((encoded_run / "run" / "data.json").read_text())
+    assert codebook_config["autoencoder"]["weights_sha256"] == run["autoencoder"]["weights_sha256"]
+
+
+def test_a_different_autoencoder_is_refused(encoded_run, tmp_path, capsys):
+    other = _tiny_vae(tmp_path / "other", seed=1)
+    status = main(["sample", str(encoded_run / "run"), "--out", str(tmp_path / "s.png"), "--autoencoder", str(other)])
+    err = capsys.readouterr().err
+    assert status == 2 and "another autoencoder" in err and "weights_sha256" in err
+    # One line (above it, at most the progress bar of loading the prior) and nothing written.
+    assert err.rstrip().splitlines()[-1].startswith("codegpt sample: error: ") and "weights_sha256" in err.splitlines()[-1]
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_bad_images_are_one_line_errors_naming_the_file_and_nothing_is_written(tmp_path, capsys):
+    from PIL import Image
+
+    folder = _png_folder(tmp_path / "pngs", n=6)
+    Image.new("RGB", (10, 6)).save(folder / "a" / "odd.png")  # another size and mode
+    patches = ["--autoencoder", "patches", "--image-size", "8", "--channels", "1", "--num-codes", "4", "--no-progress"]
+    assert main(["encode", "--images", str(folder), *patches, "--resize", "refuse", "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert "odd.png" in err and "size 6x10" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o1" / "encoding.json").exists() and not (tmp_path / "o1" / "train").exists()
+
+    (folder / "a" / "odd.png").write_bytes(b"not a png")
+    assert main(["encode", "--images", str(folder), *patches, "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "odd.png" in err and "cannot read" in err and not (tmp_path / "o2" / "train").exists()
+
+    (folder / "a" / "odd.png").unlink()
+    assert main(["encode", "--images", str(folder), *patches, "--out", str(tmp_path / "o3")]) == 0
+    # A codebook of another dimension than the autoencoder's latents (4 = 1 channel x 2 x 2).
+    wrong = tmp_path / "o4"
+    assert main(["encode", "--images", str(folder), *patches[:-3], "--channels", "1", "--patch", "4",
+                 "--codebook", str(tmp_path / "o3" / "codebook"), "--out", str(wrong), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "codebook" in err and "latent_dim" in err and not wrong.exists()
+
+
+def test_a_missing_label_column_is_named(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    data = datasets.Dataset.from_dict({"img": [Image.new("L", (8, 8))] * 4, "y": [0, 1, 0, 1]})
+    data.save_to_disk(tmp_path / "ds")
+    assert main(["encode", "--dataset", str(tmp_path / "ds"), "--image-column", "img", "--autoencoder", "patches",
+                 "--image-size", "8", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "label_column 'label'" in err and "['img', 'y']" in err and not (tmp_path / "o").exists()
+
+
+def test_a_prior_whose_seq_len_does_not_fit_the_latent_grid_is_refused(encoded_run, tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "codegpt", "vocab_size": 9, "seq_len": 9, "embed_dim": 16,
+                                  "num_layers": 1, "num_heads": 2, "class_conditional": True, "num_classes": 3}))
+    status = main(["train", "--data", str(encoded_run / "enc"), "--out", str(tmp_path / "run"),
+                   "--config", str(config)])
+    err = capsys.readouterr().err
+    assert status == 2 and "seq_len" in err and not (tmp_path / "run").exists()
