@@ -1,8 +1,9 @@
 """The embedded default: scikit-learn's 8x8 handwritten digits (shipped with it, no download) as codes.
 
-The "autoencoder" is the identity on pixel patches: each image (values 0-16) is cut into 2x2 patches, a
-k-means codebook over the 4-d patch vectors codes every patch, and each image becomes a 4x4 code grid
-with its digit as the class::
+The patch path (``codegpt demo --autoencoder patches``): the "autoencoder" is the identity on pixel
+patches (`codegpt.autoencoders.PatchAutoencoder(8, 1, 2, scale=16)`): each image (values 0-16) is cut
+into 2x2 patches, a k-means codebook over the 4-d patch vectors codes every patch, and each image
+becomes a 4x4 code grid with its digit as the class::
 
     fitted = digits_code_dataset("digits", seed=0)          # digits/codebook, digits/data
     train, val = fitted.train, fitted.val                    # the codebook saw train only
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ._util import check_int
+from .autoencoders import PatchAutoencoder
 from .codebook import Codebook
 from .data import FittedCodes, fit_code_dataset
 
@@ -42,7 +44,11 @@ def load_digits_images() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """Cut images (N, H, W) into non-overlapping patches: (N, H/p, W/p, p*p), row-major."""
+    """Cut images (N, H, W) into non-overlapping patches: (N, H/p, W/p, p*p), row-major.
+
+    The layout is `PatchAutoencoder`'s (one home); this keeps the values as given (the digits' 0-16,
+    any dtype) where the autoencoder's interface wants floats in [0, 1].
+    """
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):
@@ -50,12 +56,10 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     if images.ndim != 3:
         raise ValueError(f"images must have shape (N, H, W), got {tuple(images.shape)}")
     check_int("patch", patch, low=1)
-    n, height, width = images.shape
-    if height % patch or width % patch:
-        raise ValueError(f"image size {(height, width)} must be divisible by patch={patch}")
-    grid_h, grid_w = height // patch, width // patch
-    patches = images.reshape(n, grid_h, patch, grid_w, patch).permute(0, 1, 3, 2, 4)
-    return patches.reshape(n, grid_h, grid_w, patch * patch)
+    if images.shape[1] % patch or images.shape[2] % patch:
+        raise ValueError(f"image size {tuple(images.shape[1:])} must be divisible by patch={patch}")
+    patches = PatchAutoencoder(tuple(images.shape[1:]), 1, patch)._encode_batch(images[:, None])
+    return patches.to(images.dtype)  # scale 1: exact for any dtype
 
 
 def unpatchify(vectors: torch.Tensor, patch: int) -> torch.Tensor:
@@ -66,9 +70,8 @@ def unpatchify(vectors: torch.Tensor, patch: int) -> torch.Tensor:
     if vectors.ndim != 4 or vectors.shape[-1] != patch * patch:
         raise ValueError(f"vectors must have shape (N, h, w, {patch * patch}) for patch={patch}, "
                          f"got {tuple(vectors.shape)}")
-    n, grid_h, grid_w, _ = vectors.shape
-    images = vectors.reshape(n, grid_h, grid_w, patch, patch).permute(0, 1, 3, 2, 4)
-    return images.reshape(n, grid_h * patch, grid_w * patch)
+    size = (vectors.shape[1] * patch, vectors.shape[2] * patch)
+    return PatchAutoencoder(size, 1, patch)._decode_batch(vectors)[:, 0].to(vectors.dtype)
 
 
 def codes_to_images(codebook: Codebook, codes: torch.Tensor, patch: int = 2) -> torch.Tensor:
