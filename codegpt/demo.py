@@ -202,7 +202,9 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the whole demo (see the module docstring); returns the report written to metrics.json."""
     from .image_metrics import image_metrics, reconstruction_metrics, train_feature_net
 
-    s = settings or DemoSettings()
+    s = DemoSettings() if settings is None else settings
+    if not isinstance(s, DemoSettings):
+        raise TypeError(f"settings must be a DemoSettings, got {type(s).__name__}")
     start = time.perf_counter()
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
