@@ -270,6 +270,7 @@ class _Data:
     codebook_dir: Path | None = None
     autoencoder: dict[str, Any] | None = None
     encoding: Path | None = None  # an `encode` output folder: real images can be read back
+    held_out: tuple[Path, str] | None = None  # (encoding, part) of the real images behind `val`
     split: dict[str, Any] | None = None  # the val_fraction and seed a single dataset was split with
 
 
@@ -284,7 +285,8 @@ def _open_data(path: str | os.PathLike, val_fraction: float | None, split_seed: 
         record = read_json(path / ENCODING_NAME, what)
         train_set = _open_dataset(path / "train")
         val_set = CodeDataset(path / "val") if (path / "val" / "dataset.json").is_file() else None
-        return _Data(train_set, train_set, val_set, path / "codebook", record["autoencoder"], path)
+        held_out = (path, "val") if val_set is not None else None
+        return _Data(train_set, train_set, val_set, path / "codebook", record["autoencoder"], path, held_out)
     dataset = _open_dataset(path)
     meta = dataset.metadata
     split = meta.get("split") or {}
@@ -337,6 +339,8 @@ def _pixels(codebook_dir: str | os.PathLike | None, spec: dict[str, Any] | None,
             given_autoencoder: str | None = None, patch: int | None = None) -> _Pixels | None:
     if codebook_dir is None:
         return None
+    if not Path(codebook_dir).is_dir():
+        raise CLIError(f"--codebook: no such directory {str(codebook_dir)!r}")
     with _user_errors("--codebook: "):
         codebook = load_codebook(codebook_dir)
     spec = spec or _codebook_autoencoder(Path(codebook_dir))
@@ -349,13 +353,13 @@ def _pixels(codebook_dir: str | os.PathLike | None, spec: dict[str, Any] | None,
         return _Pixels(image_decoder(codebook, autoencoder), codebook, autoencoder)
 
 
-def _run_data(model_arg: str) -> dict[str, Any]:
+def _run_data(model_arg: str, what: str = "model") -> dict[str, Any]:
     """What `codegpt train` recorded about the data of the run that ``model_arg`` belongs to ({} if none)."""
     with _user_errors():
-        model_dir = resolve_run(model_arg, "model").model_dir
+        model_dir = resolve_run(model_arg, what).model_dir
     for folder in (model_dir.parent, *model_dir.parents[2:3]):  # run/model or run/checkpoints/step-N/model
         if (folder / RUN_DATA).is_file():
-            return read_json(folder / RUN_DATA, "model")
+            return read_json(folder / RUN_DATA, what)
     return {}
 
 
@@ -406,7 +410,7 @@ def _encoder(args: argparse.Namespace) -> Autoencoder:
 
 
 def _usage_line(usage: dict[str, Any], num_codes: int, held_out: bool) -> str:
-    mse = "held-out latent MSE" if held_out else "latent MSE on the training split (not held out)"
+    mse = "held-out latent MSE" if held_out else "latent MSE on the vectors the codebook was fitted on (not held out)"
     return (f"{mse} {usage['latent_mse']:.4g}, perplexity {usage['perplexity']:.1f} of {num_codes} codes, "
             f"dead codes {usage['dead_codes']}, most used code {100 * usage['top_code_share']:.1f}% of the codes")
 
@@ -441,8 +445,9 @@ def _run_encode(args: argparse.Namespace) -> int:
         _print(f"  skipped {skip['reason']}")
     fitted = "fitted on the training split's latents" if record["codebook"]["fitted"] else "given"
     _print(f"codebook: {result.codebook.num_codes} codes, {fitted} -> {out / 'codebook'}")
-    for part, held_out in (("val", True), ("train", False)):
+    for part in ("val", "train"):
         if part in record["usage"]:
+            held_out = part == "val" or not record["codebook"]["fitted"]
             _print(f"  {part}: " + _usage_line(record["usage"][part], result.codebook.num_codes, held_out))
     split = record["split"]
     _print(f"codes: {split['num_train']} training items -> {out / 'train'}"
@@ -628,7 +633,8 @@ def _check_grid(grid: tuple[int, int] | None, seq_len: int) -> tuple[int, int]:
     return grid
 
 
-def _real_images(encoding: Path, part: str, autoencoder: Autoencoder, real: str | None) -> tuple[Any, Any]:
+def _real_images(encoding: Path | None, part: str | None, autoencoder: Autoencoder, real: str | None
+                 ) -> tuple[Any, Any]:
     """The real images (N, C, H, W) and labels of an encoding's ``part``, read back from its source (a folder
     or a `datasets` data set), or all of ``real`` (a folder) when given."""
     if real is not None:
@@ -646,6 +652,8 @@ def _real_images(encoding: Path, part: str, autoencoder: Autoencoder, real: str 
             if batch["images"] is not None:
                 images.append(batch["images"])
                 labels.append(batch["labels"])
+    if not images:
+        raise CLIError(f"--fid: no real image could be read from {real or encoding}")
     return torch.cat(images), torch.cat(labels)
 
 
@@ -671,10 +679,10 @@ def _fid(metrics: dict[str, Any], samples: dict[str, Any], data: _Data, pixels: 
         train_feature_net,
     )
 
-    if data.encoding is None and args.real is None:
-        raise CLIError("--fid needs the real images: --data from `codegpt encode`, or --real DIR")
+    if data.held_out is None and args.real is None:
+        raise CLIError("--fid needs the real held-out images: data from `codegpt encode`, or --real DIR")
     ae = pixels.autoencoder
-    real, _ = _real_images(data.encoding, "val" if data.val is not None else "train", ae, args.real)
+    real, _ = _real_images(*(data.held_out or (None, None)), ae, args.real)
     if standard_inception_available():
         feature: Any = "inception"
     elif data.encoding is not None and data.dataset.num_classes:
@@ -714,8 +722,9 @@ def _run_eval(args: argparse.Namespace) -> int:
                           "--eval-data")
         data = _open_data(args.data or record.get("data") or args.eval_data, val_fraction, split_seed)
         data.val = test.val if test.val is not None else test.train
+        data.held_out = None
         if test.encoding is not None:
-            data.encoding = test.encoding
+            data.held_out = (test.encoding, "val" if test.val is not None else "train")
             if data.codebook_dir is not None:
                 with _user_errors("--eval-data: "):
                     _same_codebook(test.codebook_dir, data.codebook_dir)
@@ -794,7 +803,8 @@ def _same_codebook(a: Path | None, b: Path) -> None:
 
 def _run_push(args: argparse.Namespace) -> int:
     sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "guidance_scale")}
-    codebook_dir = args.codebook or _run_data(args.model_dir).get("codebook")  # default: the one training saw
+    # Default: the codebook training saw.
+    codebook_dir = args.codebook or _run_data(args.model_dir, "model_dir").get("codebook")
     with _user_errors():
         common = {
             "info": _from_args(CardInfo, args),
