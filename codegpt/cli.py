@@ -43,7 +43,15 @@ from .data import CodeDataset, fit_code_dataset
 from .demo import DemoSettings, format_report, run_demo
 from .digits import codes_to_images, digits_code_dataset, load_digits_images, patch_decoder
 from .evaluation import digit_judge_accuracy, evaluate_prior, fit_digit_judge, fit_image_judge, judge_accuracy
-from .hub import CardInfo, load_codebook, prepare_upload_folder, push_to_hub, upload_file_names
+from .hub import (
+    AUTOENCODER_DIR,
+    CODEBOOK_DIR,
+    CardInfo,
+    load_codebook,
+    prepare_upload_folder,
+    push_to_hub,
+    upload_file_names,
+)
 from .images import (
     ENCODING_NAME,
     DatasetSource,
@@ -568,9 +576,12 @@ def _recorded_pixels(args: argparse.Namespace, config: GPTConfig, record: dict[s
     codebook_dir, spec = args.codebook, None
     if codebook_dir is None and record.get("codebook"):
         codebook_dir, spec = record["codebook"], record.get("autoencoder")
-    if codebook_dir is None and (Path(args.model) / "codebook" / "config.json").is_file():
-        codebook_dir = args.model
-    return _pixels(codebook_dir, spec, config, args.autoencoder, args.patch)
+    given = args.autoencoder
+    if codebook_dir is None and (Path(args.model) / CODEBOOK_DIR / "config.json").is_file():
+        codebook_dir = args.model  # an upload folder or a Hub snapshot: its autoencoder/ when it ships one
+        if given is None and (Path(args.model) / AUTOENCODER_DIR / "config.json").is_file():
+            given = str(Path(args.model) / AUTOENCODER_DIR)
+    return _pixels(codebook_dir, spec, config, given, args.patch)
 
 
 def _save_images(images: Any, folder: str, classes: Any) -> int:

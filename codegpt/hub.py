@@ -38,8 +38,9 @@ from .data import _read_metadata  # private: data.py's one reader of dataset.jso
 from .runs import load_model, resolve_run
 
 __all__ = [
-    "CODEBOOK_DIR", "CardInfo", "EvalMetric", "SamplingSettings", "TESTED_TRANSFORMERS", "load_codebook",
-    "prepare_upload_folder", "push_to_hub", "render_model_card", "run_sampling", "select_metrics", "upload_file_names",
+    "AUTOENCODER_DIR", "CODEBOOK_DIR", "CardInfo", "EvalMetric", "SamplingSettings", "TESTED_TRANSFORMERS",
+    "load_codebook", "prepare_upload_folder", "push_to_hub", "render_model_card", "run_sampling", "select_metrics",
+    "upload_file_names",
 ]
 
 # The oldest and newest transformers releases the remote-code files are tested against (.ci/compat.sh).
@@ -51,11 +52,14 @@ README_NAME = "README.md"
 _MODEL_FILES = ("config.json", "configuration_codegpt.py", "generation_config.json", "model.safetensors",
                 "modeling_codegpt.py")
 _CODEBOOK_FILES = ("config.json", "model.safetensors")
+# A diffusers autoencoder saved in a local folder ships beside its codebook, so the Hub model decodes anywhere.
+AUTOENCODER_DIR = "autoencoder"
+_AUTOENCODER_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 # Files a previous push may have left that would shadow or contradict the new ones (stale shards
 # with their index, pickled weights, old model code); other files a user added to the repo are kept.
 _STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt", "*.pth", "*.ckpt",
-                   "configuration_*.py", "modeling_*.py", f"{CODEBOOK_DIR}/*"]
+                   "configuration_*.py", "modeling_*.py", f"{CODEBOOK_DIR}/*", f"{AUTOENCODER_DIR}/*"]
 
 PIPELINE_TAG = "unconditional-image-generation"
 _BASE_TAGS = ("codegpt", "image-generation", "image-tokens", "vq", "custom_code")
@@ -438,6 +442,7 @@ def render_model_card(
     revision: str | None = None,
     eval_sampling: str | None = None,
     template_path: str | os.PathLike[str] | None = None,
+    autoencoder: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Render the model card (a ``huggingface_hub.ModelCard``) of a trained prior.
 
@@ -445,7 +450,8 @@ def render_model_card(
     one); ``info`` says what the config cannot (see ``CardInfo``); ``sampling`` the recommended
     settings of ``generation_config.json``; ``metrics`` a run's record (see ``select_metrics``),
     whose quality metrics fill a table and the ``model-index``; ``training_args`` a table (secrets and
-    local paths left out); ``codebook`` the ``Codebook`` shipped in ``codebook/``; ``eval_sampling``
+    local paths left out); ``codebook`` the ``Codebook`` shipped in ``codebook/``; ``autoencoder`` the
+    spec of the autoencoder it was fitted on (``codegpt.autoencoders``), as shipped; ``eval_sampling``
     the settings behind sample-based metrics. ``template_path`` replaces codegpt's ``model_card.md``:
     it sees the card data's fields and the names passed here (an unknown name is an error).
 
@@ -503,6 +509,7 @@ def render_model_card(
         sampling_summary=sampling.summary(config.class_conditional), metrics=results, eval_sampling=eval_sampling,
         dataset_name=dataset_name, dataset_id=info.dataset_id, training_args=_training_rows(training_args),
         transformers_range=" and ".join(TESTED_TRANSFORMERS), min_torch=MIN_TORCH,
+        autoencoder=autoencoder, autoencoder_dir=AUTOENCODER_DIR,
         feature_network=_feature_network(metrics) if any(_IMAGE_METRIC.search(m.key) for m in results) else None,
     )
 
@@ -525,10 +532,26 @@ def render_model_card(
     return card
 
 
-def upload_file_names(with_codebook: bool) -> list[str]:
+def upload_file_names(with_codebook: bool, with_autoencoder: bool = False) -> list[str]:
     """Every file an upload folder holds, as paths relative to it, sorted."""
     codebook = [f"{CODEBOOK_DIR}/{name}" for name in _CODEBOOK_FILES] if with_codebook else []
-    return sorted([README_NAME, *_MODEL_FILES, *codebook])
+    autoencoder = [f"{AUTOENCODER_DIR}/{name}" for name in _AUTOENCODER_FILES] if with_autoencoder else []
+    return sorted([README_NAME, *_MODEL_FILES, *codebook, *autoencoder])
+
+
+def _local_autoencoder(spec: Mapping[str, Any] | None, repo_id: str) -> tuple[Path | None, dict | None]:
+    """A recorded diffusers autoencoder saved in a local folder: (that folder, the spec as shipped in the
+    repo's ``autoencoder/``). Its weights fingerprint stays: loading it back checks them."""
+    if not spec or spec.get("kind") != "diffusers" or not spec.get("source"):
+        return None, dict(spec) if spec else None
+    folder = Path(spec["source"]) / (spec.get("subfolder") or "")
+    if not Path(spec["source"]).is_dir():
+        return None, dict(spec)  # a Hub id: it loads from there
+    missing = [name for name in _AUTOENCODER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"the codebook's autoencoder folder {folder} lacks {missing}: save it with "
+                                "save_pretrained (safetensors) to ship it with the model")
+    return folder, {**spec, "source": repo_id, "subfolder": AUTOENCODER_DIR, "revision": None}
 
 
 def _with_dataset(info: CardInfo, data_dir: str | os.PathLike[str], config: GPTConfig) -> CardInfo:
@@ -562,9 +585,10 @@ def _prepare(
     data_dir: str | os.PathLike[str] | None = None,
     eval_sampling: str | None = None,
     template_path: str | os.PathLike[str] | None = None,
-) -> tuple[Any, Codebook | None, SamplingSettings, functools.partial, dict | None]:
-    """The model, codebook, sampling settings, card (a function of the revision it pins) and the extra
-    codebook config (the autoencoder it was fitted on), each checked before anything is written."""
+) -> tuple[Any, Codebook | None, SamplingSettings, functools.partial, tuple[dict | None, Path | None]]:
+    """The model, codebook, sampling settings, card (a function of the revision it pins), the extra
+    codebook config (the autoencoder it was fitted on) and the local autoencoder folder to ship, each
+    checked before anything is written."""
     run = resolve_run(model_dir)
     model = load_model(run.model_dir, device="cpu")
     # Explicit inputs win over what the run recorded; an empty mapping means "none".
@@ -575,25 +599,27 @@ def _prepare(
     info = CardInfo() if info is None else info
     if data_dir is not None:
         info = _with_dataset(info, data_dir, model.config)
-    codebook, codebook_config = None, None
+    codebook, codebook_config, autoencoder_dir = None, None, None
     if codebook_dir is not None:
         if not isinstance(codebook_dir, (str, os.PathLike)) or not Path(codebook_dir).is_dir():
             raise FileNotFoundError(f"codebook_dir: no such directory {str(codebook_dir)!r}")
         codebook = Codebook.from_pretrained(codebook_dir)
         # The autoencoder the codebook was fitted on (`codegpt encode` records it) ships with it.
         recorded = read_json(Path(codebook_dir) / "config.json", "codebook_dir").get("autoencoder")
+        autoencoder_dir, recorded = _local_autoencoder(recorded, repo_id)
         codebook_config = {"autoencoder": recorded} if recorded else None
     card = functools.partial(
         render_model_card, model.config, repo_id=repo_id, info=info, sampling=sampling, metrics=metrics,
         training_args=training_args, codebook=codebook, num_parameters=model.num_parameters(),
+        autoencoder=codebook_config and codebook_config["autoencoder"],
         eval_sampling=eval_sampling, template_path=template_path,
     )
     card(revision=None)
-    return model, codebook, sampling, card, codebook_config
+    return model, codebook, sampling, card, (codebook_config, autoencoder_dir)
 
 
 def _write_folder(prepared: tuple, out_dir: Path, revision: str | None, overwrite: bool) -> Path:
-    model, codebook, sampling, card, codebook_config = prepared
+    model, codebook, sampling, card, (codebook_config, autoencoder_dir) = prepared
     cfg = model.config
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"out_dir: {str(out_dir)!r} exists and is not empty (pass overwrite=True / --overwrite)")
@@ -615,12 +641,17 @@ def _write_folder(prepared: tuple, out_dir: Path, revision: str | None, overwrit
         if codebook is not None:
             codebook.save_pretrained(tmp / CODEBOOK_DIR, config=codebook_config)
             (tmp / CODEBOOK_DIR / README_NAME).unlink(missing_ok=True)  # the repo has one card: the model's
+        if autoencoder_dir is not None:
+            (tmp / AUTOENCODER_DIR).mkdir()
+            for name in _AUTOENCODER_FILES:
+                shutil.copyfile(autoencoder_dir / name, tmp / AUTOENCODER_DIR / name)
         write_text(tmp / README_NAME, str(card(revision=revision)))
         written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        if written != upload_file_names(codebook is not None):
+        expected = upload_file_names(codebook is not None, autoencoder_dir is not None)
+        if written != expected:
             # Only the listed files may ever be uploaded (never optimizer state, never a token).
             raise RuntimeError(
-                f"the upload folder holds {written}, expected exactly {upload_file_names(codebook is not None)}; "
+                f"the upload folder holds {written}, expected exactly {expected}; "
                 f"transformers {transformers.__version__} may save more files than codegpt knows"
             )
         replace_dir(tmp, out_dir)

@@ -241,7 +241,15 @@ def test_eval_fid_writes_fid_and_reconstruction_fid(encoded_run, tmp_path, capsy
     assert "FID, guided samples" in readme and "Reconstruction FID" in readme and "FeatureNet" in readme
     codebook_config = json.loads((card / "codebook" / "config.json").read_text())
     run = json.loads((encoded_run / "run" / "data.json").read_text())
-    assert codebook_config["autoencoder"]["weights_sha256"] == run["autoencoder"]["weights_sha256"]
+    # The autoencoder (a local folder) ships in autoencoder/, recorded as this repo's; it samples offline.
+    shipped = codebook_config["autoencoder"]
+    assert shipped["weights_sha256"] == run["autoencoder"]["weights_sha256"]
+    assert (shipped["source"], shipped["subfolder"]) == ("me/tiny", "autoencoder")
+    assert (card / "autoencoder" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "shipped in `autoencoder/`" in readme
+    assert main(["sample", str(card), "--out", str(tmp_path / "hub.png"), "--save-individual", str(tmp_path / "e"),
+                 "--per-class", "1"]) == 0
+    assert len(list((tmp_path / "e").glob("*.png"))) == 3
 
 
 def test_a_different_autoencoder_is_refused(encoded_run, tmp_path, capsys):
