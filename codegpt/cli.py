@@ -417,10 +417,17 @@ def _encoder(args: argparse.Namespace) -> Autoencoder:
         raise CLIError(f"--autoencoder {args.autoencoder}: cannot load it ({str(err).splitlines()[0]})") from None
 
 
+def _usage_text(usage: dict[str, Any], num_codes: int) -> str:
+    """Codebook usage a reader can judge at a glance (not every count)."""
+    text = f"perplexity {usage['perplexity']:.1f} of {num_codes} codes, {usage['dead_codes']} dead (never used)"
+    if "top_code_share" in usage:
+        text += f", the most used code takes {100 * usage['top_code_share']:.1f}% of the positions"
+    return text
+
+
 def _usage_line(usage: dict[str, Any], num_codes: int, held_out: bool) -> str:
     mse = "held-out latent MSE" if held_out else "latent MSE on the vectors the codebook was fitted on (not held out)"
-    return (f"{mse} {usage['latent_mse']:.4g}, perplexity {usage['perplexity']:.1f} of {num_codes} codes, "
-            f"dead codes {usage['dead_codes']}, most used code {100 * usage['top_code_share']:.1f}% of the codes")
+    return f"{mse} {usage['latent_mse']:.4g}; " + _usage_text(usage, num_codes)
 
 
 def _run_encode(args: argparse.Namespace) -> int:
@@ -476,7 +483,7 @@ def _run_fit_codebook(args: argparse.Namespace) -> int:
     if args.digits:
         with _user_errors():
             fitted = digits_code_dataset(out, args.num_codes, args.patch, args.seed, args.val_fraction)
-        scale = " (0-16 scale)"
+        scale = ", 0-16 scale"
     else:
         try:
             tensors = load_file(args.latents)
@@ -502,14 +509,14 @@ def _run_fit_codebook(args: argparse.Namespace) -> int:
         scale = ""
     m, dataset = fitted.metrics, fitted.dataset
     if "mse_held_out" in m:
-        mse = f"held-out MSE {m['mse_held_out']:.4g}{scale} (on the {args.val_fraction:g} held out of the fit)"
+        mse = f"held-out MSE {m['mse_held_out']:.4g} (the {100 * args.val_fraction:g}% held out of the fit{scale})"
     else:
-        mse = f"MSE {m['mse']:.4g}{scale} on the vectors it was fitted on (not held out: --val-fraction 0)"
-    top = f", most used code {100 * m['top_code_share']:.1f}% of the codes" if "top_code_share" in m else ""
+        mse = f"MSE {m['mse']:.4g} on the vectors it was fitted on (not held out: --val-fraction 0{scale})"
     _print(f"codebook: {args.num_codes} codes -> {out / 'codebook'}")
-    _print(f"  {mse}, perplexity {m['perplexity']:.1f} of {args.num_codes} codes, dead codes {m['dead_codes']}{top}")
+    _print(f"  {mse}")
+    _print("  usage: " + _usage_text(m, args.num_codes))
     _print(f"codes: {len(dataset)} items of {dataset.grid[0]}x{dataset.grid[1]} codes -> {out / 'data'}")
-    _print(f"next: codegpt train --data {out / 'data'} --out run --codebook {out / 'codebook'}")
+    _print(f"next: codegpt train --data {out / 'data'} --out run  (the dataset records its codebook and split)")
     return 0
 
 

@@ -203,7 +203,7 @@ def test_encode_prints_readable_usage_with_the_mse_labelled(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "val: held-out latent MSE" in out and "train: latent MSE on the vectors the codebook was fitted on" in out
-    assert "perplexity" in out and "dead codes" in out and "most used code" in out
+    assert "perplexity" in out and "dead (never used)" in out and "the most used code takes" in out
     meta = json.loads((tmp_path / "enc" / "train" / "dataset.json").read_text())
     assert meta["grid"] == [4, 4] and meta["autoencoder"]["kind"] == "patches"
 
