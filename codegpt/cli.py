@@ -62,6 +62,7 @@ from .images import (
     image_decoder,
     iter_image_batches,
     load_source_indices,
+    source_from_record,
 )
 from .runs import load_model, render_codes, resolve_run, sample_classes, save_image_grid
 from .training import TrainingArguments, check_compatible, config_for, train
@@ -661,7 +662,7 @@ def _real_images(encoding: Path | None, part: str | None, autoencoder: Autoencod
     else:
         record = read_json(encoding / ENCODING_NAME, "--data")
         with _user_errors(f"the images of {encoding}: "):
-            source = _reopen_source(record["source"])
+            source = source_from_record(record["source"])
         indices = load_source_indices(encoding)[part].tolist()
     chunks = None if indices is None else [indices[i:i + 256] for i in range(0, len(indices), 256)]
     images, labels = [], []
@@ -673,17 +674,6 @@ def _real_images(encoding: Path | None, part: str | None, autoencoder: Autoencod
     if not images:
         raise CLIError(f"--fid: no real image could be read from {real or encoding}")
     return torch.cat(images), torch.cat(labels)
-
-
-def _reopen_source(record: dict[str, Any]) -> Any:
-    if record.get("type") == "FolderSource":
-        return FolderSource(record["root"])
-    if record.get("type") == "DatasetSource" and record.get("data"):
-        return DatasetSource(record["data"], split=record.get("split", "train"), image_column=record["image_column"],
-                             label_column=record["label_column"], revision=record.get("revision"),
-                             **record.get("load_kwargs", {}))
-    raise ValueError(f"{record.get('description') or record.get('type')} cannot be read again; give the real "
-                     "held-out images with --real DIR")
 
 
 def _fid(metrics: dict[str, Any], samples: dict[str, Any], data: _Data, pixels: _Pixels, args: argparse.Namespace,

@@ -71,6 +71,7 @@ __all__ = [
     "iter_image_batches",
     "load_encoding",
     "load_source_indices",
+    "source_from_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,8 +206,9 @@ class DatasetSource(ImageSource):
             self.description = f"datasets {name} split {split}" + (f" revision {revision}" if revision else "")
             if os.path.isdir(name):
                 name = os.path.abspath(name)
+            # Folders as absolute paths: evaluation may run from elsewhere.
             self._reopen = {"data": name, "split": split, "revision": revision,
-                            "load_kwargs": {k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                            "load_kwargs": {k: os.path.abspath(v) if os.path.isdir(v) else os.fspath(v)
                                             for k, v in load_kwargs.items() if isinstance(v, (str, os.PathLike))}}
         else:
             self.description = f"datasets.Dataset {getattr(data, 'info', None) and data.info.dataset_name or ''}"
@@ -763,6 +765,19 @@ def load_encoding(out_dir: str | os.PathLike[str], *, autoencoder: Autoencoder |
     else:
         check_autoencoder(record["autoencoder"], autoencoder, what=f"the codes in {out_dir}")
     return record, codebook, autoencoder
+
+
+def source_from_record(record: dict[str, Any]) -> ImageSource:
+    """The source an encoding read (its `encoding.json["source"]`), opened again: an image folder, or a
+    `datasets` data set given by name or folder. Arrays and in-memory data sets cannot be; ValueError."""
+    if record.get("type") == "FolderSource":
+        return FolderSource(record["root"])
+    if record.get("type") == "DatasetSource" and record.get("data"):
+        return DatasetSource(record["data"], split=record.get("split", "train"), image_column=record["image_column"],
+                             label_column=record["label_column"], revision=record.get("revision"),
+                             **record.get("load_kwargs", {}))
+    raise ValueError(f"the source {record.get('description') or record.get('type')!r} cannot be read again "
+                     "(arrays or an in-memory data set); give the real images another way (e.g. --real DIR)")
 
 
 def load_source_indices(out_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
