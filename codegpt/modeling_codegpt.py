@@ -24,9 +24,6 @@ from .configuration_codegpt import GPTConfig
 # transformers 5.24 renamed the output field (and forward kwarg) `past_key_values` to `cache`;
 # name the field after the installed version so generate() finds the cache either way.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-# Keywords forward takes besides its named ones: what generate() (4.57: cache_position) and Trainer
-# (num_items_in_batch) pass. Anything else is a TypeError, never silently ignored.
-_EXTRA_KWARGS = {"cache_position", "num_items_in_batch"}
 
 
 @dataclass
@@ -332,7 +329,9 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         Returns a :class:`GPTOutput`, or with ``return_dict=False`` its ``to_tuple()``: the fields that are
         not None among (loss, logits, cache, hidden_states, attentions), in that order.
         """
-        if unknown := sorted(set(kwargs) - _EXTRA_KWARGS):
+        # Besides its named keywords, forward takes what generate() (4.57: cache_position) and Trainer
+        # (num_items_in_batch) pass. Anything else is a TypeError, never silently ignored.
+        if unknown := sorted(set(kwargs) - {"cache_position", "num_items_in_batch"}):
             raise TypeError(f"GPT.forward() got unexpected keyword arguments {unknown}")
         cfg = self.config
         cache = cache if cache is not None else past_key_values

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_modeling import tiny_model as _tiny_model
 from transformers import AutoModel, AutoModelForCausalLM
 
-from codegpt import GPT, GPTConfig
+from codegpt import GPT
 from codegpt.codebook import Codebook
 from codegpt.hub import CardInfo, SamplingSettings, load_codebook, prepare_upload_folder
 
@@ -43,18 +44,7 @@ def one_thread():
 
 
 def tiny_model(tie: bool = False) -> GPT:
-    torch.manual_seed(0)
-    config = GPTConfig(
-        vocab_size=17,
-        seq_len=16,
-        embed_dim=32,
-        num_layers=2,
-        num_heads=4,
-        class_conditional=True,
-        num_classes=3,
-        tie_word_embeddings=tie,
-    )
-    return GPT(config).eval()
+    return _tiny_model(tie_word_embeddings=tie)
 
 
 def tiny_codebook() -> Codebook:
