@@ -7,7 +7,10 @@ A code dataset is a folder::
     codes-00001.safetensors       ...
 
 `dataset.json` holds the format and version, `codebook_size`, `grid` [H, W], `num_classes`, `class_names`
-(or null), `num_items`, `description` and the shards with their item counts. Codes and labels are stored in
+(or null), `num_items`, `description` and the shards with their item counts, and what made the codes
+when the writer was told (`metadata`): `autoencoder` (its spec, see `codegpt.autoencoders`), `codebook`
+(the codebook's folder, relative to the dataset's), `split` (how this set relates to its held-out part),
+`source` (the images). Codes and labels are stored in
 the smallest integer type that holds their range (uint8, int16, then int32: 16x16 codes of a 1024-code
 codebook take 512 bytes per image); readers accept any 8-64-bit integer type, so other tools' shards load.
 
@@ -52,6 +55,9 @@ SHARD_NAME = "codes-{:05d}.safetensors"
 DEFAULT_SHARD_SIZE = 65_536
 IGNORE_INDEX = -100  # transformers' "no loss here" label
 
+# The keys dataset.json holds for the format itself; anything else is the writer's `metadata`.
+_FORMAT_KEYS = frozenset({"format", "format_version", "codebook_size", "grid", "num_classes", "class_names",
+                          "num_items", "description", "codes_dtype", "labels_dtype", "shards"})
 _SHARD_RE = re.compile(r"codes-\d{5,}\.safetensors")
 # safetensors dtype names -> little-endian numpy dtypes; codes and labels are integers only.
 _INT_DTYPES = {"U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4",
@@ -89,6 +95,8 @@ class CodeDatasetWriter:
         grid: (H, W) of each item's codes; default: taken from the first `add`.
         shard_size: items per shard file.
         description: free text stored in the metadata (which codebook made the codes, ...).
+        metadata: JSON-able records stored beside the format's own keys in `dataset.json` (e.g.
+            `autoencoder`, `codebook`, `split`, `source`); exposed as `CodeDataset.metadata`.
         overwrite: replace an existing dataset in `path` (its `dataset.json` is removed at once,
             its extra shards at `close`).
     """
@@ -104,8 +112,17 @@ class CodeDatasetWriter:
         shard_size: int = DEFAULT_SHARD_SIZE,
         description: str = "",
         overwrite: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         check_int("codebook_size", codebook_size, low=1)
+        extra = dict(metadata or {})
+        clash = sorted(set(extra) & _FORMAT_KEYS)
+        if clash:
+            raise ValueError(f"metadata must not set the format's own keys {clash}")
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"metadata must be JSON-able: {err}") from None
         check_int("num_classes", num_classes, low=0)
         check_int("shard_size", shard_size, low=1)
         self.class_names = _check_class_names(class_names, num_classes)
@@ -129,6 +146,7 @@ class CodeDatasetWriter:
         self.grid = grid
         self.shard_size = shard_size
         self.description = description
+        self.metadata = extra
         self.codes_dtype = storage_dtype(codebook_size)
         self.labels_dtype = storage_dtype(num_classes) if num_classes > 0 else None
         self.shards: list[dict[str, Any]] = []
@@ -219,7 +237,7 @@ class CodeDatasetWriter:
             "format": FORMAT, "format_version": FORMAT_VERSION, "codebook_size": self.codebook_size,
             "grid": list(self.grid), "num_classes": self.num_classes, "class_names": self.class_names,  # type: ignore
             "num_items": self.num_items, "description": self.description, "codes_dtype": codes_dtype,
-            "labels_dtype": labels_dtype, "shards": self.shards,
+            "labels_dtype": labels_dtype, "shards": self.shards, **self.metadata,
         })
         self._closed = True
         return self.path
@@ -243,6 +261,7 @@ def write_code_dataset(
     shard_size: int = DEFAULT_SHARD_SIZE,
     description: str = "",
     overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write codes (N, H, W) and labels (N,) as a code dataset in `path`; returns `path`.
 
@@ -259,7 +278,7 @@ def write_code_dataset(
     with CodeDatasetWriter(path, codebook_size=codebook_size, num_classes=num_classes,
                            class_names=class_names, grid=tuple(codes.shape[1:]),
                            shard_size=shard_size, description=description,
-                           overwrite=overwrite) as writer:
+                           overwrite=overwrite, metadata=metadata) as writer:
         # Slices keep the dtype conversion's temporary copies one shard large.
         for begin in range(0, max(codes.shape[0], 1), shard_size):
             end = begin + shard_size
@@ -274,7 +293,8 @@ class CodeDataset(Dataset):
     shard) or `ValueError` (anything malformed, naming the file, row and value). Attributes:
     `codebook_size`, `grid`, `seq_len` (H*W), `num_classes`, `class_names`, `start_token_id`
     (= codebook_size), `vocab_size` (= codebook_size + 1), `labels` (all class ids, int64, or
-    None), `description`.
+    None), `description`, `metadata` (what the writer recorded beside the format: `autoencoder`,
+    `codebook`, `split`, `source`; {} when none) and `autoencoder` (the recorded spec or None).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -285,6 +305,7 @@ class CodeDataset(Dataset):
         self.num_classes: int = meta["num_classes"]
         self.class_names: list[str] | None = meta["class_names"]
         self.description: str = meta.get("description", "")
+        self.metadata: dict[str, Any] = {k: v for k, v in meta.items() if k not in _FORMAT_KEYS}
         self.seq_len = self.grid[0] * self.grid[1]
         self.start_token_id = self.codebook_size
         self.vocab_size = self.codebook_size + 1
@@ -308,6 +329,11 @@ class CodeDataset(Dataset):
 
     def __len__(self) -> int:
         return self._len
+
+    @property
+    def autoencoder(self) -> dict[str, Any] | None:
+        """The spec of the autoencoder whose latents were quantised into these codes, if recorded."""
+        return self.metadata.get("autoencoder")
 
     def __repr__(self) -> str:
         return (f"CodeDataset({str(self.path)!r}, items={self._len}, grid={self.grid}, "
@@ -431,8 +457,8 @@ def fit_code_dataset(
         seed: seeds k-means and the split.
         num_classes: default ``labels.max() + 1`` (0 without labels).
 
-    Metrics: ``mse`` (over all items), ``mse_fit``, ``mse_held_out`` (with a split), ``perplexity``
-    and ``dead_codes`` (code usage over all items), ``fit_seconds``, ``num_images``, ``grid``.
+    Metrics: ``mse`` (over all items), ``mse_fit``, ``mse_held_out`` (with a split), ``perplexity``,
+    ``dead_codes`` and ``top_code_share`` (code usage over all items), ``fit_seconds``, ``num_images``, ``grid``.
     """
     vectors = as_tensor("vectors", vectors)
     if vectors.ndim != 4:
@@ -446,15 +472,18 @@ def fit_code_dataset(
         fit_on, num_codes, metric=metric, seed=seed, progress=progress, description=codebook_description
     )
     codes = codebook.encode(vectors)  # (N, H, W)
+    # The split is recorded so that `codegpt train` and `codegpt eval` hold out the same items unasked.
     path = write_code_dataset(
         out_dir / "data", codes, labels, codebook_size=num_codes, num_classes=num_classes,
         class_names=class_names, overwrite=True, description=description,
+        metadata={"codebook": "../codebook", "split": {"val_fraction": val_fraction, "seed": seed}},
     )
     codebook.save_pretrained(out_dir / "codebook")
 
     stats, fit_seconds = codebook.stats(vectors), codebook.fit_info.seconds  # type: ignore[union-attr]
     metrics: dict[str, Any] = {"mse": stats.mse, "fit_seconds": fit_seconds, "perplexity": stats.perplexity,
-                               "dead_codes": stats.dead_codes, "num_images": n, "grid": tuple(codes.shape[1:])}
+                               "dead_codes": stats.dead_codes, "num_images": n, "grid": tuple(codes.shape[1:]),
+                               "top_code_share": int(stats.counts.max()) / stats.num_vectors}
     dataset = CodeDataset(path)
     if val_idx:
         metrics["mse_fit"] = codebook.stats(fit_on).mse

@@ -5,7 +5,8 @@ The baseline (``independent_baseline_bits``) draws every position independently 
 class-conditional histogram: the bits ratio says how much the transformer gains from modelling
 codes jointly. ``novelty`` is the fraction of samples that copy no training grid (a prior that
 memorised its training set scores near 0); ``class_consistency`` the fraction of decoded samples
-that a judge (e.g. ``fit_digit_judge``, an SVC on real digits) labels with their class.
+that a judge (``fit_digit_judge``, an SVC on real digits; ``fit_image_judge``, an SVC on any data set's
+decoded real training items) labels with their class.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .runs import sample_classes
 
 __all__ = [
     "evaluate", "evaluate_prior", "code_arrays", "independent_baseline_bits", "novelty", "fit_digit_judge",
-    "digit_judge_accuracy", "class_consistency",
+    "digit_judge_accuracy", "class_consistency", "fit_image_judge", "judge_accuracy",
 ]
 
 
@@ -166,6 +167,32 @@ def digit_judge_accuracy(judge: Any, codebook: Any, images: torch.Tensor, labels
         "judge_accuracy_real": class_consistency(judge, images, labels),
         "judge_accuracy": class_consistency(judge, reconstructed, labels),
     }
+
+
+def fit_image_judge(train_part: Dataset, to_pixels: Any, seed: int = 0, max_items: int = 2000):
+    """A judge for any labelled code dataset: an SVC (RBF, C=10) on the pixels of its real training items
+    decoded through codebook and autoencoder (``to_pixels``: codes (N, H, W) -> images (N, ...)), the
+    images the prior learnt from. At most ``max_items`` items (a seeded draw) keep the fit quick."""
+    try:
+        from sklearn.svm import SVC
+    except ImportError as err:
+        raise ImportError("the class-consistency judge needs scikit-learn: pip install scikit-learn") from err
+    codes, classes = code_arrays(train_part)
+    if classes is None:
+        raise ValueError("the training data is unlabelled: there is no class consistency to judge")
+    if len(codes) > max_items:
+        keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:max_items]
+        codes, classes = codes[keep], classes[keep]
+    grid = getattr(train_part, "dataset", train_part).grid
+    pixels = np.asarray(to_pixels(codes.reshape(-1, *grid)), dtype=np.float64).reshape(len(codes), -1)
+    return SVC(C=10.0, gamma="scale", random_state=seed).fit(pixels, classes.numpy())
+
+
+def judge_accuracy(judge: Any, val_part: Dataset, to_pixels: Any) -> float:
+    """The judge's accuracy on the decoded real held-out items: how far its verdicts can be trusted."""
+    codes, classes = code_arrays(val_part)
+    grid = getattr(val_part, "dataset", val_part).grid
+    return class_consistency(judge, to_pixels(codes.reshape(-1, *grid)), classes)
 
 
 def class_consistency(judge: Any, images: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray) -> float:

@@ -324,3 +324,30 @@ def test_patchify_round_trip():
         patchify(images, 3)
     with pytest.raises(ValueError, match=r"\(N, h, w, 4\)"):
         unpatchify(patches[..., :3], 2)
+
+
+def test_metadata_is_recorded_beside_the_format_and_read_back(tmp_path):
+    codes = torch.randint(0, 8, (5, 2, 3), generator=torch.Generator().manual_seed(0))
+    record = {"autoencoder": {"kind": "patches", "patch": 2}, "codebook": "../codebook",
+              "split": {"val_fraction": 0.2, "seed": 3}}
+    dataset = CodeDataset(write_code_dataset(tmp_path / "d", codes, codebook_size=8, metadata=record))
+    assert dataset.metadata == record and dataset.autoencoder == record["autoencoder"]
+    assert CodeDataset(write_code_dataset(tmp_path / "plain", codes, codebook_size=8)).autoencoder is None
+    with pytest.raises(ValueError, match=r"metadata must not set the format's own keys \['grid'\]"):
+        CodeDatasetWriter(tmp_path / "bad", codebook_size=8, metadata={"grid": [1, 1]})
+    with pytest.raises(TypeError, match="metadata must be JSON-able"):
+        CodeDatasetWriter(tmp_path / "bad", codebook_size=8, metadata={"when": object()})
+    assert not (tmp_path / "bad" / "dataset.json").exists()
+
+
+def test_fit_code_dataset_records_its_split_and_codebook(tmp_path):
+    from codegpt.data import fit_code_dataset
+
+    vectors = torch.randn(20, 2, 2, 3, generator=torch.Generator().manual_seed(0))
+    fitted = fit_code_dataset(tmp_path, vectors, torch.arange(20) % 2, num_codes=4, val_fraction=0.25, seed=5)
+    meta = CodeDataset(tmp_path / "data").metadata
+    assert meta["split"] == {"val_fraction": 0.25, "seed": 5}
+    assert (tmp_path / "data" / meta["codebook"]).resolve() == (tmp_path / "codebook").resolve()
+    # The split it records is the one it held out of the fit.
+    assert CodeDataset(tmp_path / "data").split(0.25, seed=5)[1].indices == fitted.val_indices
+    assert 0 < fitted.metrics["top_code_share"] <= 1

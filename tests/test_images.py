@@ -26,6 +26,7 @@ from codegpt.images import (
     encode_images,
     load_encoding,
     load_source_indices,
+    source_from_record,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +93,14 @@ def test_folder_datasets_and_arrays_give_identical_code_datasets(tmp_path):
     encode_images(DatasetSource(str(tmp_path / "saved"), image_column="picture", label_column="kind"), ae,
                   tmp_path / "disk", **ENCODE)
     assert_same_encoding(tmp_path / "arrays", tmp_path / "disk")
+    # Each readable source opens again from its record (evaluation reads the real held-out images so).
+    for name in ("folder", "imagefolder", "disk"):
+        source = json.loads((tmp_path / name / "encoding.json").read_text())["source"]
+        again = source_from_record(source)
+        assert len(again) == len(images) and torch.equal(
+            convert_image(again.load(5), (8, 8), 1), convert_image(Image.fromarray(images[5]), (8, 8), 1)), name
+    with pytest.raises(ValueError, match="cannot be read again"):
+        source_from_record(arrays.record["source"])
 
     record = arrays.record
     assert record["split"] == {"val_fraction": 0.25, "seed": 0, "num_train": 27, "num_val": 9}
@@ -127,6 +136,13 @@ def test_codes_decode_back_through_the_recorded_autoencoder(tmp_path):
     assert mse == pytest.approx(record["usage"]["train"]["latent_mse"], rel=1e-4)  # patches: latents are pixels
     with pytest.raises(ValueError, match="another autoencoder.*patch: 2 recorded, 4 given"):
         load_encoding(tmp_path / "enc", autoencoder=PatchAutoencoder(8, 1, 4))
+    # Each code dataset records what made its codes: the autoencoder, the codebook beside it, its split.
+    for part, count in (("train", 27), ("val", 9)):
+        dataset = CodeDataset(tmp_path / "enc" / part)
+        assert dataset.autoencoder == ae.spec() and dataset.metadata["codebook"] == "../codebook"
+        assert dataset.metadata["split"] == {"part": part, "val_fraction": 0.25, "seed": 0, "num_train": 27,
+                                             "num_val": 9}
+        assert dataset.metadata["source"]["type"] == "ArraySource" and len(dataset) == count
 
 
 def test_mixed_sizes_and_modes_are_converted_or_refused_by_name(tmp_path):
