@@ -265,10 +265,6 @@ def _load_model(path: str, device: str) -> Any:
         return load_model(path, device=device, what="model")
 
 
-# Where `codegpt train` records, in the run folder, the data it saw and what decodes its codes.
-RUN_DATA = "data.json"
-
-
 @dataclass
 class _Data:
     """A code dataset as the commands see it: its parts, and what turns its codes into pixels (when recorded)."""
@@ -365,11 +361,7 @@ def _pixels(codebook_dir: str | os.PathLike | None, spec: dict[str, Any] | None,
 def _run_data(model_arg: str, what: str = "model") -> dict[str, Any]:
     """What `codegpt train` recorded about the data of the run that ``model_arg`` belongs to ({} if none)."""
     with _user_errors():
-        model_dir = resolve_run(model_arg, what).model_dir
-    for folder in (model_dir.parent, *model_dir.parents[2:3]):  # run/model or run/checkpoints/step-N/model
-        if (folder / RUN_DATA).is_file():
-            return read_json(folder / RUN_DATA, what)
-    return {}
+        return resolve_run(model_arg, what).data or {}
 
 
 def _model_path(path: str) -> str:
@@ -557,18 +549,17 @@ def _run_train(args: argparse.Namespace) -> int:
     config = _model_config(inputs, data.dataset)
     codebook_dir = inputs.codebook or data.codebook_dir
     pixels = _pixels(codebook_dir, data.autoencoder, config, patch=inputs.patch)
+    # What decodes this run's codes, so that `codegpt sample RUN` and `codegpt eval RUN` need no flags.
+    record = {
+        "data": str(Path(inputs.data).resolve()),
+        "codebook": str(Path(codebook_dir).resolve()) if codebook_dir else None,
+        "autoencoder": pixels.autoencoder.spec() if pixels and pixels.autoencoder else None,
+        "split": data.split,
+    }
     # A ValueError is raised before the first step (output folder, batch size vs dataset size).
     with _user_errors(kinds=(ValueError,)):
         result = train(targs, config, data.train, data.val, decode=pixels and pixels.decode,
-                       grid_shape=data.dataset.grid)
-    if _is_main_process():
-        # What decodes this run's codes, so that `codegpt sample RUN` and `codegpt eval RUN` need no flags.
-        write_json(Path(targs.output_dir) / RUN_DATA, {
-            "data": str(Path(inputs.data).resolve()),
-            "codebook": str(Path(codebook_dir).resolve()) if codebook_dir else None,
-            "autoencoder": pixels.autoencoder.spec() if pixels and pixels.autoencoder else None,
-            "split": data.split,
-        })
+                       grid_shape=data.dataset.grid, data_record=record)
     if result.final_eval is not None:
         final = result.final_eval
         _print(f"held-out: {final['bits_per_code']:.4f} bits per code ({final['loss_nats']:.4f} nats)")

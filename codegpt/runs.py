@@ -5,6 +5,7 @@ Hub push read it. The per-class sampler and image grid of ``samples.png`` live h
 
     run/
       training_args.json          the arguments, for the record
+      data.json                   what the codes decode through: data, codebook and autoencoder (spec), split
       log.jsonl                   one line per evaluation (step, held-out nats and bits per code)
       checkpoints/step-000500/    model/ (save_pretrained) + Accelerate state + trainer_state.json
       model/                      the final model (save_pretrained; loads with GPT.from_pretrained)
@@ -34,7 +35,7 @@ from .modeling_codegpt import GPT
 from .sampling import generate
 
 __all__ = [
-    "MODEL_DIR", "CHECKPOINTS_DIR", "TRAINING_ARGS", "LOG", "STATE", "SAMPLES", "checkpoint_name",
+    "MODEL_DIR", "CHECKPOINTS_DIR", "TRAINING_ARGS", "RUN_DATA", "LOG", "STATE", "SAMPLES", "checkpoint_name",
     "complete_checkpoints", "newest_checkpoint", "remove_partial_checkpoints", "RunFiles", "resolve_run",
     "load_model", "read_metrics", "write_log", "append_log", "Decoder", "sample_classes", "render_codes",
     "save_image_grid",
@@ -43,6 +44,7 @@ __all__ = [
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 TRAINING_ARGS = "training_args.json"
+RUN_DATA = "data.json"  # {"data", "codebook" (absolute folders), "autoencoder" (a spec), "split"}
 LOG = "log.jsonl"
 STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 SAMPLES = "samples.png"
@@ -93,10 +95,11 @@ class RunFiles:
     model_dir: Path
     metrics: dict[str, Any] | None  # the evaluation of these weights, if the run made one
     training_args: dict[str, Any] | None
+    data: dict[str, Any] | None = None  # the run's RUN_DATA: what its codes decode through
 
 
 def resolve_run(path: str | os.PathLike, what: str = "model_dir") -> RunFiles:
-    """The model folder, its evaluation and the training arguments of a run (or of a model folder).
+    """The model folder, its evaluation, training arguments and data record of a run (or of a model folder).
 
     ``path`` is a run folder of ``codegpt train`` (its final ``model/``, else its newest complete
     checkpoint), a checkpoint ``checkpoints/step-N``, or any ``save_pretrained`` folder. Metrics are
@@ -130,7 +133,9 @@ def resolve_run(path: str | os.PathLike, what: str = "model_dir") -> RunFiles:
         run = parent
         metrics = read_metrics(run, what)
     has_args = run is not None and (run / TRAINING_ARGS).is_file()
-    return RunFiles(model_dir, metrics, read_json(run / TRAINING_ARGS, what) if has_args else None)
+    has_data = run is not None and (run / RUN_DATA).is_file()
+    return RunFiles(model_dir, metrics, read_json(run / TRAINING_ARGS, what) if has_args else None,
+                    read_json(run / RUN_DATA, what) if has_data else None)
 
 
 def load_model(

@@ -448,6 +448,7 @@ def train(
     decode: Decoder | None = None,
     grid_shape: tuple[int, int] | None = None,
     accelerator: Accelerator | None = None,
+    data_record: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a GPT prior on a code dataset and return where the results are.
 
@@ -455,7 +456,9 @@ def train(
     ``args.seed`` only). The datasets yield ``codegpt.data`` items; ``eval_dataset`` is scored every
     ``eval_every`` steps and at the end. ``decode`` turns codes (B, H, W) into images in [0, 1] for
     the sample grid (default: one coloured cell per code); ``grid_shape`` defaults to the dataset's,
-    else square, else one row; ``accelerator`` defaults to ``make_accelerator(args)``.
+    else square, else one row; ``accelerator`` defaults to ``make_accelerator(args)``. ``data_record``
+    (JSON-able: the data, codebook and autoencoder the codes decode through, see ``runs.RUN_DATA``) is
+    written into the run folder at the start, so the run's samples and evaluation need no flags.
     """
     if not isinstance(args, TrainingArguments):
         raise TypeError(f"args must be a TrainingArguments, got {type(args).__name__}")
@@ -508,6 +511,8 @@ def train(
     if accelerator.is_main_process:
         # mixed_precision=None means what Accelerate is configured with: record what it chose.
         write_json(out / runs.TRAINING_ARGS, {**args.to_dict(), "mixed_precision": accelerator.mixed_precision})
+        if data_record is not None:
+            write_json(out / runs.RUN_DATA, data_record)
         # The log holds this run's evaluations up to where it starts: none, or the checkpoint's
         # (a run killed after an evaluation but before its next checkpoint repeats that step).
         runs.write_log(out, eval_history)

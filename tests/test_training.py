@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from codegpt import GPT, GPTConfig
 from codegpt.evaluation import evaluate
-from codegpt.runs import newest_checkpoint
+from codegpt.runs import newest_checkpoint, resolve_run
 from codegpt.training import (
     EpochBatchSampler,
     TrainingArguments,
@@ -104,9 +104,13 @@ def test_defaults_keep_a_checkpoint_and_record_the_precision_accelerate_chose(tm
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     dataset = learnable_dataset(tmp_path / "data", n=32)
     kw = dict(output_dir=tmp_path / "run", max_steps=3, per_device_batch_size=8, progress=False, mixed_precision=None)
-    result = train(TrainingArguments(**kw), tiny_config(dataset, **DROPOUT), dataset)
+    record = {"data": str(tmp_path / "data"), "codebook": None, "autoencoder": None, "split": None}
+    result = train(TrainingArguments(**kw), tiny_config(dataset, **DROPOUT), dataset, data_record=record)
     assert newest_checkpoint(result.output_dir).name == "step-000003"
     assert json.loads((result.output_dir / "training_args.json").read_text())["mixed_precision"] == "bf16"
+    # The data record is the run's, for its final model and its checkpoints alike.
+    assert resolve_run(result.output_dir).data == record
+    assert resolve_run(newest_checkpoint(result.output_dir)).data == record
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, learnable_dataset, tiny_config, fresh_accelerate_state):
