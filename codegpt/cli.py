@@ -802,8 +802,9 @@ def _same_codebook(a: Path | None, b: Path) -> None:
 
 def _run_push(args: argparse.Namespace) -> int:
     sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "guidance_scale")}
-    # Default: the codebook training saw.
-    codebook_dir = args.codebook or _run_data(args.model_dir, "model_dir").get("codebook")
+    # Default: the codebook and data training saw.
+    record = _run_data(args.model_dir, "model_dir")
+    codebook_dir, data_dir = args.codebook or record.get("codebook"), args.data or record.get("data")
     with _user_errors():
         common = {
             "info": _from_args(CardInfo, args),
@@ -811,7 +812,7 @@ def _run_push(args: argparse.Namespace) -> int:
             "metrics": read_json(args.metrics, "--metrics") if args.metrics else None,
             "training_args": read_json(args.training_args, "--training-args") if args.training_args else None,
             "codebook_dir": codebook_dir,
-            "data_dir": args.data,
+            "data_dir": data_dir,
             "eval_sampling": args.eval_sampling,
             "template_path": args.template,
         }
@@ -1014,7 +1015,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--training-args", metavar="JSON", help="training settings (default: the run's training_args.json)")
     p.add_argument("--codebook", metavar="DIR", help="a saved codebook folder, shipped in codebook/ (default: the "
                    "one the run recorded)")
-    p.add_argument("--data", metavar="DIR", help="the code dataset trained on (its grid, class names and description)")
+    p.add_argument("--data", metavar="DIR", help="the code dataset or encoding trained on (its grid, class names and "
+                   "description; default: the run's)")
     p.add_argument("--template", help="a model card template instead of codegpt's model_card.md")
     g = p.add_argument_group("recommended sampling settings (saved in generation_config.json)")
     g.add_argument("--temperature", type=float, help="0 is greedy (default: the run's sample temperature, or 1)")

@@ -556,8 +556,11 @@ def _local_autoencoder(spec: Mapping[str, Any] | None, repo_id: str) -> tuple[Pa
 
 def _with_dataset(info: CardInfo, data_dir: str | os.PathLike[str], config: GPTConfig) -> CardInfo:
     """``info`` with the blanks (grid, class names, dataset name) filled from a code dataset folder
-    that fits the model."""
-    meta = _read_metadata(Path(data_dir))
+    that fits the model (or an ``encode_images`` folder: its ``train/``)."""
+    data_dir = Path(data_dir)
+    if (data_dir / "encoding.json").is_file():
+        data_dir = data_dir / "train"
+    meta = _read_metadata(data_dir)
     if meta["codebook_size"] != config.codebook_size:
         raise ValueError(
             f"data_dir: the dataset's codebook_size is {meta['codebook_size']} but the model's is "

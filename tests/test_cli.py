@@ -238,6 +238,7 @@ def test_eval_fid_writes_fid_and_reconstruction_fid(encoded_run, tmp_path, capsy
     assert main(["push", str(encoded_run / "run"), "--repo-id", "me/tiny", "--dry-run", str(card),
                  "--metrics", str(metrics_json), "--dataset-id", "tiny-pngs", "--license", "mit"]) == 0
     readme = (card / "README.md").read_text()
+    assert "image folder" in readme  # the run's data names the data set on the card
     assert "FID, guided samples" in readme and "Reconstruction FID" in readme and "FeatureNet" in readme
     codebook_config = json.loads((card / "codebook" / "config.json").read_text())
     run = json.loads((encoded_run / "run" / "data.json").read_text())
