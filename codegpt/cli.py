@@ -317,7 +317,7 @@ def _codebook_autoencoder(codebook_dir: Path) -> dict[str, Any] | None:
 
 def _load_autoencoder(spec: dict[str, Any], given: str | None, what: str) -> Autoencoder:
     """The recorded autoencoder, or the one given with --autoencoder if it is the recorded one."""
-    with _user_errors("--autoencoder: "):
+    with _user_errors("--autoencoder: ", kinds=(*_BAD_INPUT, OSError, ImportError)):
         if given is not None:
             autoencoder = DiffusersAutoencoder.from_pretrained(given, image_size=tuple(spec["image_size"]))
             check_autoencoder(spec, autoencoder, what=what)
@@ -433,7 +433,9 @@ def _run_encode(args: argparse.Namespace) -> int:
         with _user_errors("--codebook own: "):
             codebook = autoencoder.own_codebook()
     elif args.codebook is not None:
-        with _user_errors("--codebook: "):
+        if not Path(args.codebook).is_dir():
+            raise CLIError(f"--codebook: no such directory {args.codebook!r} (a saved codebook folder, or 'own')")
+        with _user_errors("--codebook: ", kinds=(*_BAD_INPUT, OSError)):
             codebook = Codebook.from_pretrained(args.codebook)
             recorded = _codebook_autoencoder(Path(args.codebook))
             if recorded is not None:
