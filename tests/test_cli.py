@@ -31,6 +31,7 @@ def demo_dir(tmp_path_factory):
     status = main([
         "demo", "--out", str(out), "--steps", "20", "--batch-size", "32", "--embed-dim", "32", "--layers", "1",
         "--heads", "2", "--samples-per-class", "4", "--grid-columns", "3", "--no-progress", "--autoencoder", "patches",
+        "--feature-steps", "20",
     ])
     assert status == 0
     return out
