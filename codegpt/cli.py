@@ -858,10 +858,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(
         sub, "demo", _run_demo,
-        "the embedded default: digits -> codebook -> prior -> samples, judged (no download)",
-        "Fit a 128-code k-means codebook on 2x2 patches of scikit-learn's digits, train a class-conditional "
-        "prior, sample every class with and without guidance, decode to pixels and judge the samples. Writes "
-        "OUT/samples.png (one row per class) and OUT/metrics.json. Needs scikit-learn (pip install 'codegpt[demo]').",
+        "the embedded default: digits -> autoencoder -> codebook -> prior -> images, judged (no download)",
+        "On scikit-learn's digits: train a small diffusers AutoencoderKL, fit a k-means codebook post hoc on its "
+        "latents, train a class-conditional prior, sample every class with and without guidance, decode through "
+        "codebook + autoencoder, then judge and measure (bits per code against a baseline, class consistency, "
+        "novelty, reconstruction MSE, FID). --autoencoder patches: 2x2 pixel patches instead of the autoencoder. "
+        "Writes OUT/samples.png (one row per class) and OUT/metrics.json. Needs pip install 'codegpt[demo]'.",
         [DemoSettings],
     )
 
@@ -942,7 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(mixed_precision=None)  # not given: as `accelerate launch` is configured (else fp32)
 
     p = _command(
-        sub, "sample", _run_sample, "sample code grids from a trained prior and draw them",
+        sub, "sample", _run_sample, "sample from a trained prior (a run, a model folder or a Hub id) as images",
         "Sample whole images of codes. A class-conditional model draws --per-class samples of every class "
         "(one row each) or of --classes; an unconditional one draws --num-samples. Writes a PNG grid in pixel "
         "space, through the codebook and autoencoder the run recorded (or the model folder's codebook/, or "

@@ -135,7 +135,7 @@ def test_python_dash_m_codegpt_help():
     proc = subprocess.run([sys.executable, "-m", "codegpt", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for command in ("demo", "fit-codebook", "train", "sample", "eval", "push"):
+    for command in ("demo", "encode", "fit-codebook", "train", "sample", "eval", "push"):
         assert command in proc.stdout
 
 
