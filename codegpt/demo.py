@@ -61,10 +61,6 @@ TARGETS = {
     "wall_seconds_max": 150.0,
 }
 
-# The prior's training per autoencoder, where they differ. The KL codes are harder to predict and the
-# prior over-fits their 1438 training grids sooner: more dropout, fewer steps (see the README).
-_PRIOR_DEFAULTS = {"kl": {"steps": 700, "dropout": 0.35}, "patches": {"steps": 1000, "dropout": 0.25}}
-
 # Where a run records the data it was trained on and what decodes its codes (the file and keys
 # `codegpt train` writes), so that `codegpt sample RUN` and `codegpt eval RUN` need no flags.
 RUN_DATA = "data.json"
@@ -92,13 +88,11 @@ class DemoSettings:
     embed_dim: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    dropout: float | None = field(default=None, metadata={
-        "help": "embedding and residual dropout (default: 0.35 with kl, 0.25 with patches)"})
+    dropout: float = 0.25
     class_dropout: float = 0.05
     tie_embeddings: bool = True  # one table for the input codes and the output head
     # Training
-    steps: int | None = field(default=None, metadata={
-        "help": "prior training steps (default: 700 with kl, 1000 with patches)"})
+    steps: int = 1000
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 50
@@ -116,9 +110,6 @@ class DemoSettings:
         self.out_dir = Path(self.out_dir)
         if self.autoencoder not in AUTOENCODERS:
             raise ValueError(f"autoencoder must be one of {AUTOENCODERS}, got {self.autoencoder!r}")
-        for name, value in _PRIOR_DEFAULTS[self.autoencoder].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
         for name in ("samples_per_class", "steps", "batch_size", "ae_width", "ae_latent_dim", "ae_steps",
                      "feature_steps", "num_codes"):
             check_int(name, getattr(self, name), low=1)
