@@ -61,11 +61,6 @@ TARGETS = {
     "wall_seconds_max": 150.0,
 }
 
-# Where a run records the data it was trained on and what decodes its codes (the file and keys
-# `codegpt train` writes), so that `codegpt sample RUN` and `codegpt eval RUN` need no flags.
-RUN_DATA = "data.json"
-
-
 @dataclass
 class DemoSettings:
     """Every knob of the demo; the defaults are the benchmarked run."""
@@ -223,8 +218,9 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
         save_every=0,  # a short run, started over each time: no checkpoints
     )
     grid = codes.dataset.grid
-    result = train(args, config, codes.train, codes.val, decode=codes.decode, grid_shape=grid)
-    write_json(out / "run" / RUN_DATA, codes.run_data)
+    # data_record: what the codes decode through, so `codegpt sample RUN` and `codegpt eval RUN` need no flags.
+    result = train(args, config, codes.train, codes.val, decode=codes.decode, grid_shape=grid,
+                   data_record=codes.run_data)
     t_train = time.perf_counter()
 
     # Judge and measure on the held-out digits. The judge sees pixels on the 0-16 scale.
