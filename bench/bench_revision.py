@@ -31,20 +31,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _harness import check_idle_or_exit, interleaved_medians  # noqa: E402
+from bench_sample import ROWS  # noqa: E402
+from bench_train import SHAPES  # noqa: E402
 
-TRAIN_ROWS = {
-    # name: (vocab, codes per image, embed, layers, heads, batch), as bench_train.py
-    "seed": (1025, 1024, 256, 8, 8, 4),
-    "wide": (1025, 256, 512, 8, 8, 16),
-}
-SAMPLE_ROWS = {
-    # as bench_sample.py
-    "seed-b1": (1025, 1024, 256, 8, 8, 1),
-    "seed-b8": (1025, 1024, 256, 8, 8, 8),
-    "seed-b64": (1025, 1024, 256, 8, 8, 64),
-    "wide-b8": (1025, 256, 512, 8, 8, 8),
-    "wide-b64": (1025, 256, 512, 8, 8, 64),
-}
+# The rows bench_train.py and bench_sample.py measure against transformers.
+TRAIN_ROWS, SAMPLE_ROWS = SHAPES, ROWS
 
 
 def import_revision(rev: str, into: Path):
