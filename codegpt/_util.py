@@ -66,6 +66,24 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values: mappings and sequences recursively, numpy scalars as Python numbers,
+    non-finite floats as None, torch dtypes by name (``"float32"``), anything else as its ``str``."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    return str(obj)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON with a trailing newline, atomically."""
     return write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._util import check_int, jsonable
+
 __all__ = [
     "Autoencoder",
     "DiffusersAutoencoder",
@@ -91,7 +93,7 @@ class Autoencoder:
         """Images (N, C, H, W) in [0, 1] -> latents (N, h, w, D) float32 on the CPU, batch by batch
         (memory on the device is bounded by the batch)."""
         images = self.check_images(images)
-        batch_size = _check_batch_size(batch_size or self.batch_size)
+        batch_size = check_int("batch_size", batch_size or self.batch_size, 1)
         out = torch.empty(images.shape[0], *self.latent_grid, self.latent_dim)
         for begin in range(0, images.shape[0], batch_size):
             batch = images[begin:begin + batch_size].to(self.device, torch.float32)
@@ -102,7 +104,7 @@ class Autoencoder:
     def decode(self, latents: torch.Tensor | np.ndarray, batch_size: int | None = None) -> torch.Tensor:
         """Latents (N, h, w, D) -> images (N, C, H, W) in [0, 1], float32 on the CPU."""
         latents = self.check_latents(latents)
-        batch_size = _check_batch_size(batch_size or self.batch_size)
+        batch_size = check_int("batch_size", batch_size or self.batch_size, 1)
         out = torch.empty(latents.shape[0], self.channels, *self.image_size)
         for begin in range(0, latents.shape[0], batch_size):
             batch = latents[begin:begin + batch_size].to(self.device, torch.float32)
@@ -163,8 +165,8 @@ class PatchAutoencoder(Autoencoder):
     def __init__(self, image_size: int | tuple[int, int], channels: int = 1, patch: int = 2,
                  scale: float = 1.0) -> None:
         self.image_size = _check_size("image_size", image_size)
-        self.channels = _check_positive_int("channels", channels)
-        self.patch = _check_positive_int("patch", patch)
+        self.channels = check_int("channels", channels, 1)
+        self.patch = check_int("patch", patch, 1)
         if self.image_size[0] % patch or self.image_size[1] % patch:
             raise ValueError(f"image_size {self.image_size} must be divisible by patch={patch}")
         if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0
@@ -219,9 +221,9 @@ class ModuleAutoencoder(Autoencoder):
                 raise TypeError(f"module must have an {method}() method, {type(module).__name__} has none")
         self.module = module.eval().requires_grad_(False)
         self.image_size = _check_size("image_size", image_size)
-        self.channels = _check_positive_int("channels", channels)
-        self.downsample = _check_positive_int("downsample", downsample)
-        self.latent_dim = _check_positive_int("latent_dim", latent_dim)
+        self.channels = check_int("channels", channels, 1)
+        self.downsample = check_int("downsample", downsample, 1)
+        self.latent_dim = check_int("latent_dim", latent_dim, 1)
         low, high = (float(v) for v in module_range)
         if not high > low:
             raise ValueError(f"module_range must be (low, high) with high > low, got {module_range!r}")
@@ -229,7 +231,7 @@ class ModuleAutoencoder(Autoencoder):
         self.encode_output = encode_output or (lambda out: out)
         self.decode_output = decode_output or (lambda out: out)
         self.name = name
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         self.device = torch.device(device) if device is not None else _module_device(module)
         self.module.to(self.device)
 
@@ -301,7 +303,7 @@ class DiffusersAutoencoder(Autoencoder):
                 raise ValueError(f"image_size {self.image_size} must be divisible by the model's downsampling "
                                  f"factor {self.downsample}")
         self.source, self.revision, self.subfolder = source, revision, subfolder
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         self.device = torch.device(device) if device is not None else _module_device(model)
         self.model.to(self.device)
         self._fingerprint: str | None = None
@@ -361,7 +363,7 @@ class DiffusersAutoencoder(Autoencoder):
         config = {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
         return {**self._base_spec(), "class": self.model_class, "source": self.source, "revision": self.revision,
                 "subfolder": self.subfolder, "scaling_factor": self.scaling_factor,
-                "shift_factor": self.shift_factor, "config": _jsonable(config),
+                "shift_factor": self.shift_factor, "config": jsonable(config),
                 "weights_sha256": self._fingerprint}
 
 
@@ -469,8 +471,8 @@ def train_autoencoder(
     if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
         raise ValueError(f"images must be a float tensor (N, C, H, W) in [0, 1], got "
                          f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
-    _check_positive_int("steps", steps)
-    _check_positive_int("batch_size", batch_size)
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
     n, channels, height, width = images.shape
     depth = len(block_out_channels)
     torch.manual_seed(seed)
@@ -543,28 +545,6 @@ def _check_size(name: str, size: Any) -> tuple[int, int]:
             or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in size)):
         raise ValueError(f"{name} must be an int or (H, W) of ints >= 1, got {size!r}")
     return int(size[0]), int(size[1])
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
-
-
-def _check_batch_size(value: Any) -> int:
-    return _check_positive_int("batch_size", value)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def _normal(value: Any) -> Any:

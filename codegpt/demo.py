@@ -28,17 +28,15 @@ It writes::
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ._util import check_int, write_json
+from ._util import check_int, jsonable, write_json
 from .autoencoders import PatchAutoencoder, train_autoencoder
 from .data import CodeDataset, split_indices
 from .digits import DIGITS_CLASS_NAMES, DIGITS_MAX_VALUE, digits_code_dataset, load_digits_images, patch_decoder
@@ -294,7 +292,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     }
     report["model"]["config"].pop("transformers_version", None)
     report["autoencoder"].pop("config", None)  # in autoencoder/config.json
-    write_json(out / "metrics.json", _jsonable(report))
+    write_json(out / "metrics.json", jsonable(report))
     return report
 
 
@@ -302,20 +300,6 @@ def _to_digits(codes: _Codes, grids: torch.Tensor) -> torch.Tensor:
     """Code grids (B, 4, 4) -> digits (B, 8, 8) on the judge's 0-16 scale, through codebook + autoencoder."""
     latents = codes.codebook.decode(grids.cpu())
     return codes.autoencoder.decode(latents)[:, 0] * DIGITS_MAX_VALUE
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, torch.dtype):
-        return str(obj).removeprefix("torch.")
-    return obj
 
 
 def format_report(report: dict[str, Any]) -> str:
