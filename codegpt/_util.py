@@ -7,6 +7,7 @@ the same everywhere: it names the argument, the value and what is allowed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import torch
 
 __all__ = [
     "atomic_write", "write_text", "write_json", "save_safetensors", "replace_dir", "read_json", "check_format",
-    "as_tensor", "check_int", "check_float", "check_choice", "check_path", "resolve_device",
+    "file_record", "check_file_records", "as_tensor", "check_int", "check_float", "check_choice", "check_path", "resolve_device",
 ]
 
 
@@ -130,6 +131,32 @@ def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{what}: {str(path)!r} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex digest}`` of a file, for manifests that a later load verifies."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def check_file_records(folder: str | os.PathLike, records: Mapping[str, Any], what: str, hashes: bool = False) -> None:
+    """Raise ``ValueError`` naming the file unless every ``name: file_record`` in ``records`` matches the
+    file in ``folder``: its size always, its SHA-256 when ``hashes`` (reads every byte)."""
+    folder = Path(folder)
+    for name, record in records.items():
+        file = folder / name
+        if not isinstance(record, Mapping) or not isinstance(record.get("bytes"), int):
+            raise ValueError(f"{what}: the record of {str(file)!r} is not {{'bytes': int, 'sha256': str}}: {record!r}")
+        if not file.is_file():
+            raise ValueError(f"{what}: {str(file)!r} is missing")
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            raise ValueError(f"{what}: {str(file)!r} holds {size} bytes, {record['bytes']} were written")
+        if hashes and file_record(file)["sha256"] != record.get("sha256"):
+            raise ValueError(f"{what}: {str(file)!r} does not match its SHA-256 (the file changed after it was written)")
 
 
 def check_format(file: str | os.PathLike, meta: Mapping[str, Any], name: str, version: int) -> None:
