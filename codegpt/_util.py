@@ -23,7 +23,8 @@ import torch
 
 __all__ = [
     "atomic_write", "write_text", "write_json", "save_safetensors", "replace_dir", "read_json", "check_format",
-    "file_record", "check_file_records", "as_tensor", "check_int", "check_float", "check_choice", "check_path", "resolve_device",
+    "file_record", "check_file_records", "as_tensor", "check_int", "check_float", "check_choice", "check_path",
+    "resolve_device",
 ]
 
 
@@ -156,7 +157,7 @@ def check_file_records(folder: str | os.PathLike, records: Mapping[str, Any], wh
         if size != record["bytes"]:
             raise ValueError(f"{what}: {str(file)!r} holds {size} bytes, {record['bytes']} were written")
         if hashes and file_record(file)["sha256"] != record.get("sha256"):
-            raise ValueError(f"{what}: {str(file)!r} does not match its SHA-256 (the file changed after it was written)")
+            raise ValueError(f"{what}: {str(file)!r} does not match its SHA-256 (changed after it was written)")
 
 
 def check_format(file: str | os.PathLike, meta: Mapping[str, Any], name: str, version: int) -> None:
