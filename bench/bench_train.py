@@ -6,6 +6,7 @@ rounds are interleaved and the median of the per-round time ratios is reported, 
 
     python bench/bench_train.py                  # fp32 and bf16 autocast, both shapes
     python bench/bench_train.py --rounds 9 --precision fp32 --shape seed
+    python bench/bench_train.py --device cuda     # bf16 autocast on the accelerator's own type
 
 Refuses to report while other processes load the machine (see ``_harness.machine_is_idle``).
 """
@@ -32,7 +33,7 @@ SHAPES = {
 }
 
 
-def build_models(vocab: int, seq_len: int, embed: int, layers: int, heads: int):
+def build_models(vocab: int, seq_len: int, embed: int, layers: int, heads: int, device: torch.device):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -45,14 +46,17 @@ def build_models(vocab: int, seq_len: int, embed: int, layers: int, heads: int):
     ))
     gpt2.config._attn_implementation = "sdpa"
     # codegpt's training loop swaps its CPU kernels in on a CPU: measure what training runs.
-    return {"codegpt": use_cpu_kernels(ours).train(), "gpt2": gpt2.train()}
+    if device.type == "cpu":
+        use_cpu_kernels(ours)
+    return {"codegpt": ours.to(device).train(), "gpt2": gpt2.to(device).train()}
 
 
 def make_step(model: torch.nn.Module, ids: torch.Tensor, precision: str):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
     def step() -> None:
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        bf16 = torch.autocast(ids.device.type, dtype=torch.bfloat16)
+        ctx = bf16 if precision == "bf16" else contextlib.nullcontext()
         with ctx:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -68,25 +72,29 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "all"], default="all")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps, ... (timings synchronise the device)")
     parser.add_argument("--force", action="store_true", help="report even when the machine is busy")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     check_idle_or_exit(args.force)
 
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
     precisions = ["fp32", "bf16"] if args.precision == "all" else [args.precision]
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds, median ratio")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} threads"
+    print(f"torch {torch.__version__}, {device.type} ({name}), {args.rounds} interleaved rounds, median ratio")
     print("| shape | precision | codegpt step (s) | GPT2 step (s) | time ratio | codegpt peak MB | GPT2 peak MB |")
     print("|---|---|---|---|---|---|---|")
     for name in shapes:
         vocab, seq_len, embed, layers, heads, batch = SHAPES[name]
         ids = torch.randint(0, vocab - 1, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
         ids[:, 0] = vocab - 1
+        ids = ids.to(device)
         for precision in precisions:
-            models = build_models(vocab, seq_len, embed, layers, heads)
+            models = build_models(vocab, seq_len, embed, layers, heads, device)
             steps = {k: make_step(m, ids, precision) for k, m in models.items()}
-            peaks = {k: peak_memory_mb(s) for k, s in steps.items()}  # also a warm-up step each
-            med, ratio = interleaved_medians(steps, args.rounds, baseline="gpt2", warmup=1)
+            peaks = {k: peak_memory_mb(s, device) for k, s in steps.items()}  # also a warm-up step each
+            med, ratio = interleaved_medians(steps, args.rounds, baseline="gpt2", warmup=1, device=device)
             print(f"| {name} {vocab}x{seq_len} e{embed} L{layers} B{batch} | {precision} | "
                   f"{med['codegpt']:.3f} | {med['gpt2']:.3f} | {ratio['codegpt']:.3f} | "
                   f"{peaks['codegpt']:.0f} | {peaks['gpt2']:.0f} |", flush=True)
