@@ -250,7 +250,9 @@ def test_two_processes_under_accelerate_write_what_one_process_writes(tmp_path):
     folder = write_folder(tmp_path / "pngs", images, labels)
     script = tmp_path / "encode.py"
     script.write_text(TWO_PROCESS_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # Two CPU processes over gloo wherever the tests run (on a one-GPU machine the config would ask for two GPUs).
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": ""}
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
            str(REPO / "examples" / "accelerate_cpu2.yaml"), "--main_process_port", "0", str(script),
            str(folder), str(tmp_path / "vae"), str(tmp_path / "two")]

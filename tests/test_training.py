@@ -83,17 +83,18 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path, learnable_dataset,
     assert json.loads((tmp_path / "run" / "training_args.json").read_text())["max_steps"] == 40
 
 
-def test_bf16_autocast_runs_on_cpu(tmp_path, learnable_dataset, tiny_config):
+def test_bf16_autocast_runs_on_the_training_device(tmp_path, learnable_dataset, tiny_config):
     dataset = learnable_dataset(tmp_path / "data", n=32)
     args = tiny_args(tmp_path / "run", max_steps=3, mixed_precision="bf16", gradient_accumulation_steps=2)
     accelerator = make_accelerator(args)
     result = train(args, tiny_config(dataset, **DROPOUT), dataset, dataset, accelerator=accelerator)
     assert math.isfinite(result.final_eval["loss_nats"])
-    # Autocast computes in bf16 on the CPU; the weights stay fp32 and so does the saved model.
-    model = GPT.from_pretrained(result.model_dir)
-    ids = torch.full((2, 3), dataset.start_token_id)
+    # Autocast computes in bf16 (on the CPU, or the accelerator where there is one); the weights stay fp32
+    # and so does the saved model.
+    model = GPT.from_pretrained(result.model_dir).to(accelerator.device)
+    ids = torch.full((2, 3), dataset.start_token_id, device=accelerator.device)
     with accelerator.autocast():
-        assert model(ids, classes=torch.tensor([0, 1])).logits.dtype == torch.bfloat16
+        assert model(ids, classes=torch.tensor([0, 1], device=accelerator.device)).logits.dtype == torch.bfloat16
     assert model.lm_head.weight.dtype == torch.float32
 
 
@@ -308,7 +309,8 @@ def test_two_process_accelerate_launch_and_single_process_load(tmp_path, learnab
         "--steps", "4", "--batch-size", "8", "--embed-dim", "32", "--layers", "1", "--heads", "2",
         "--save-every", "2", "--val-fraction", "0.25", "--samples-per-class", "1", "--no-progress",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Two CPU processes over gloo wherever the tests run (on a one-GPU machine the config would ask for two GPUs).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "held-out:" in proc.stdout and proc.stdout.count("model:") == 1  # one process prints
