@@ -31,7 +31,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import __version__
 from . import sampling as _sampling
-from ._util import read_json, replace_dir, write_text
+from ._util import check_path, read_json, replace_dir, write_text
 from .codebook import Codebook
 from .configuration_codegpt import GPTConfig
 from .data import _read_metadata  # private: data.py's one reader of dataset.json
@@ -70,29 +70,26 @@ _LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 # A revision is pasted into Python code on the card: a branch, tag or commit name, never a quote.
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
-# Names of the figures codegpt computes (codegpt.training, codegpt.evaluation.evaluate_prior) whose
-# key alone would not say what they measure; other keys are shown capitalised.
+# Names of the figures codegpt computes (codegpt.training, codegpt.evaluation.evaluate_prior, `codegpt eval
+# --fid`) whose key alone would not say what they measure; other keys are shown capitalised.
+_SAMPLE_SETS = {"guided": "guided samples", "unguided": "unguided samples", "unconditional": "samples"}
+_PER_SAMPLE_SET = {
+    "class_consistency": "Class consistency, {} (judged)",
+    "novelty": "Novelty, {} (not a training image)",
+    "fid": "FID, {} vs held-out images",
+    "kid_mean": "KID, {} vs held-out images",
+    "inception_score_mean": "Inception Score, {}",
+}
 _METRIC_NAMES = {
     "loss_nats": "Cross-entropy (nats per code)",
     "baseline_bits_per_code": "Bits per code of an independent per-position baseline",
     "bits_ratio": "Bits per code / baseline's",
-    "class_consistency_guided": "Class consistency, guided samples (judged)",
-    "class_consistency_unguided": "Class consistency, unguided samples (judged)",
-    "novelty_guided": "Novelty, guided samples (not a training image)",
-    "novelty_unguided": "Novelty, unguided samples (not a training image)",
     "judge_accuracy": "Judge accuracy, held-out images through the codebook",
     "judge_accuracy_real": "Judge accuracy, real held-out images",
     "codebook_mse": "Codebook reconstruction MSE, held out",
     "codebook_mse_train": "Codebook reconstruction MSE, training split",
-    "fid_guided": "FID, guided samples vs held-out images",
-    "fid_unguided": "FID, unguided samples vs held-out images",
-    "fid_unconditional": "FID, samples vs held-out images",
-    "kid_mean_guided": "KID, guided samples vs held-out images",
-    "kid_mean_unguided": "KID, unguided samples vs held-out images",
-    "kid_mean_unconditional": "KID, samples vs held-out images",
-    "inception_score_mean_guided": "Inception Score, guided samples",
-    "inception_score_mean_unguided": "Inception Score, unguided samples",
-    "inception_score_mean_unconditional": "Inception Score, samples",
+    **{f"{key}_{kind}": name.format(samples) for key, name in _PER_SAMPLE_SET.items()
+       for kind, samples in _SAMPLE_SETS.items()},
     "fid_reconstruction": "Reconstruction FID, held-out images through autoencoder + codebook (the ceiling)",
     "fid_autoencoder": "Reconstruction FID, held-out images through the autoencoder alone",
     "mse_reconstruction": "Reconstruction MSE (pixels in [0, 1]), through autoencoder + codebook",
@@ -132,12 +129,7 @@ class SamplingSettings:
 
     def check(self, config: GPTConfig) -> None:
         """Raise ``ValueError`` naming the first setting out of range for ``config``."""
-        _sampling.check_sampling_args(self.temperature, self.top_k, self.top_p, self.guidance_scale)
-        if self.guided and not config.class_conditional:
-            raise ValueError(
-                f"guidance_scale={self.guidance_scale} needs a class-conditional model "
-                "(config.class_conditional=False); leave it unset"
-            )
+        _sampling.check_sampling_args(self.temperature, self.top_k, self.top_p, self.guidance_scale, config)
 
     @property
     def guided(self) -> bool:
@@ -260,10 +252,10 @@ def _quality_items(record: Mapping[str, Any], default_split: str) -> list[EvalMe
     return sorted(out, key=lambda m: (m.split, m.key))
 
 
-def _eval_sampling_from(metrics: Mapping[str, Any] | None) -> str | None:
+def _eval_sampling_from(metrics: Mapping[str, Any]) -> str | None:
     """The sampling behind sample-based figures, from a ``settings`` record next to them (as in
     ``codegpt demo``'s metrics.json: evaluate_prior samples at temperature 1 without top-k)."""
-    settings = metrics.get("settings") if isinstance(metrics, Mapping) else None
+    settings = metrics.get("settings")
     if not isinstance(settings, Mapping) or "samples_per_class" not in settings:
         return None
     guidance, temperature = settings.get("guidance_scale"), settings.get("temperature", 1.0)
@@ -273,10 +265,8 @@ def _eval_sampling_from(metrics: Mapping[str, Any] | None) -> str | None:
     return text
 
 
-def _feature_network(metrics: Mapping[str, Any] | None) -> str | None:
+def _feature_network(metrics: Mapping[str, Any]) -> str | None:
     """What FID/KID/IS were measured with, said next to the metrics (``codegpt eval --fid`` writes it)."""
-    if not isinstance(metrics, Mapping):
-        return None
     for record in (*(metrics.get(k) for k in ("final", "eval", "metrics")), metrics):
         if isinstance(record, Mapping):
             for key in _FEATURE_NETWORK_KEYS:
@@ -421,14 +411,6 @@ def _results(metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: s
     return results, eval_sampling
 
 
-def _template(template_path: str | os.PathLike[str] | None) -> tuple[Path, str]:
-    # The package carries the template (a link to the top-level model_card.md in a source checkout).
-    path = Path(__file__).with_name("model_card.md") if template_path is None else Path(template_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"template_path: no such file {str(path)!r} (codegpt push --template FILE)")
-    return path, path.read_text(encoding="utf-8")
-
-
 def render_model_card(
     config: GPTConfig,
     *,
@@ -513,7 +495,11 @@ def render_model_card(
         feature_network=_feature_network(metrics) if any(_IMAGE_METRIC.search(m.key) for m in results) else None,
     )
 
-    path, template = _template(template_path)
+    # The package carries the template (a link to the top-level model_card.md in a source checkout).
+    path = Path(__file__).with_name("model_card.md") if template_path is None else Path(template_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"template_path: no such file {str(path)!r} (codegpt push --template FILE)")
+    template = path.read_text(encoding="utf-8")
     # from_template renders with Jinja's lenient defaults: a misspelt name would vanish silently.
     try:
         names = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
@@ -687,9 +673,8 @@ def prepare_upload_folder(
     class names and dataset name where ``info`` leaves them blank. ``revision``, ``info``,
     ``eval_sampling``, ``template_path``: see ``render_model_card``.
     """
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
-    return _write_folder(_prepare(model_dir, repo_id=repo_id, **kwargs), Path(out_dir), revision, overwrite)
+    out_dir = check_path("out_dir", out_dir)
+    return _write_folder(_prepare(model_dir, repo_id=repo_id, **kwargs), out_dir, revision, overwrite)
 
 
 def push_to_hub(

@@ -116,12 +116,22 @@ class KVDecoder:
 
     fast: bool
 
-    def __new__(
-        cls, model: nn.Module, batch_size: int, classes: torch.Tensor | None = None, length: int | None = None
-    ) -> KVDecoder:
-        if cls is KVDecoder:  # the path is chosen here, once; Python then runs the chosen __init__
+    def __new__(cls, model: nn.Module, *args, **kwargs) -> KVDecoder:
+        if cls is KVDecoder:  # the path is chosen here, once; Python then runs the chosen class's _build
             cls = FastDecoder if unknown_part(model) is None else ModelDecoder
         return super().__new__(cls)
+
+    def __init__(
+        self, model: nn.Module, batch_size: int, classes: torch.Tensor | None = None, length: int | None = None
+    ) -> None:
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "model_type", None) != "codegpt":
+            raise TypeError(f"the decoder needs a codegpt GPT, got {type(model).__name__}")
+        self.B, self.P = batch_size, min(length or cfg.seq_len + 1, cfg.seq_len + 1)
+        self.device = input_device(model)
+        if cfg.class_conditional and classes is None:  # the null class
+            classes = torch.full((batch_size,), cfg.num_classes, dtype=torch.long)
+        self._build(model, cfg, None if classes is None else classes.to(self.device))
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt ``(B, T)`` from position 0; returns the last position's logits ``(B, V)``."""
@@ -130,17 +140,6 @@ class KVDecoder:
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Feed one token per row ``(B,)`` at position ``pos``; returns its logits ``(B, V)``."""
         return self._forward(tokens[:, None], pos)
-
-    def _setup(self, model: nn.Module, batch_size: int, classes: torch.Tensor | None, length: int | None):
-        """What both paths share: the config, shapes, the device, and the classes (the null class by default)."""
-        cfg = getattr(model, "config", None)
-        if getattr(cfg, "model_type", None) != "codegpt":
-            raise TypeError(f"the decoder needs a codegpt GPT, got {type(model).__name__}")
-        self.B, self.P = batch_size, min(length or cfg.seq_len + 1, cfg.seq_len + 1)
-        self.device = input_device(model)
-        if cfg.class_conditional and classes is None:
-            classes = torch.full((batch_size,), cfg.num_classes, dtype=torch.long)
-        return cfg, None if classes is None else classes.to(self.device)
 
     def _check_end(self, end: int) -> None:
         if end > self.P:
@@ -154,11 +153,8 @@ class ModelDecoder(KVDecoder):
 
     fast = False
 
-    def __init__(
-        self, model: nn.Module, batch_size: int, classes: torch.Tensor | None = None, length: int | None = None
-    ) -> None:
-        _, self.classes = self._setup(model, batch_size, classes, length)
-        self.model = model
+    def _build(self, model: nn.Module, cfg, classes: torch.Tensor | None) -> None:
+        self.model, self.classes = model, classes
         self.fallback_reason = unknown_part(model)
         # The head on the last position only, where the model's forward takes transformers' argument.
         forward_params = inspect.signature(model.forward).parameters
@@ -232,13 +228,10 @@ class FastDecoder(KVDecoder):
 
     fast = True
 
-    def __init__(
-        self, model: nn.Module, batch_size: int, classes: torch.Tensor | None = None, length: int | None = None
-    ) -> None:
+    def _build(self, model: nn.Module, cfg, classes: torch.Tensor | None) -> None:
         if (reason := unknown_part(model)) is not None:
             raise NotImplementedError(f"the fast decoder cannot drive this model: {reason}; KVDecoder(...) "
                                       "falls back to the model's own forward")
-        cfg, classes = self._setup(model, batch_size, classes, length)
         # Split each weight's rows into one block per CPU thread: a batched matmul runs the blocks
         # on all cores, where a single matmul with a handful of rows (a matrix-vector product at
         # batch 1) keeps to one. Accelerators parallelise inside one matmul already.
