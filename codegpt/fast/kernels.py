@@ -148,16 +148,7 @@ class GELU(nn.GELU):
 
 
 KERNELS = (Linear, Dropout, GELU)
-
-
-def _kernel_for(module: nn.Module) -> type[nn.Module] | None:
-    """The kernel class that stands in for ``module``, if it is an exact plain module we speed up."""
-    for kernel in KERNELS:
-        if type(module) is kernel.plain_base:
-            if kernel is GELU and module.approximate != "tanh":
-                return None  # exact GELU: torch's own kernel is the fast one
-            return kernel
-    return None
+_KERNEL_FOR = {kernel.plain_base: kernel for kernel in KERNELS}
 
 
 def use_cpu_kernels(model: nn.Module) -> nn.Module:
@@ -168,8 +159,9 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
     Parameters, buffers, hooks and the state dict are untouched.
     """
     for module in model.modules():
-        kernel = _kernel_for(module)
-        if kernel is not None and "forward" not in module.__dict__:
+        kernel = _KERNEL_FOR.get(type(module))
+        # An exact GELU stays: torch's own kernel is the fast one.
+        if kernel is not None and getattr(module, "approximate", "tanh") == "tanh" and "forward" not in vars(module):
             module.__class__ = kernel
     return model
 
