@@ -265,16 +265,6 @@ def _eval_sampling_from(metrics: Mapping[str, Any]) -> str | None:
     return text
 
 
-def _feature_network(metrics: Mapping[str, Any]) -> str | None:
-    """What FID/KID/IS were measured with, said next to the metrics (``codegpt eval --fid`` writes it)."""
-    for record in (*(metrics.get(k) for k in ("final", "eval", "metrics")), metrics):
-        if isinstance(record, Mapping):
-            for key in _FEATURE_NETWORK_KEYS:
-                if isinstance(record.get(key), str):
-                    return record[key]
-    return None
-
-
 def _check_repo_id(repo_id: object, name: str = "repo_id") -> str:
     if not isinstance(repo_id, str):
         raise TypeError(f"{name} must be a str such as 'org/name', got {type(repo_id).__name__}")
@@ -365,30 +355,13 @@ def _decoder_text(config: GPTConfig, codebook: Codebook | None, decoder: str | N
     return decoder or "turn the latents into pixels with the decoder of the autoencoder the codebook was fitted on."
 
 
-def _check_card_inputs(config: GPTConfig, info: CardInfo, sampling: SamplingSettings, revision: str | None) -> None:
-    if not isinstance(config, GPTConfig):
-        raise TypeError(f"config must be a codegpt GPTConfig, got {type(config).__name__}")
-    for name, value, cls in (("info", info, CardInfo), ("sampling", sampling, SamplingSettings)):
-        if not isinstance(value, cls):
-            raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
-    sampling.check(config)
-    if not isinstance(info.license, str) or not _LICENSE.match(info.license):
-        raise ValueError(
-            f"license must be a Hub license id in lower case such as 'apache-2.0', 'mit' or 'other', "
-            f"got {info.license!r}"
-        )
-    for name in ("model_name", "description", "dataset_id", "dataset_name", "dataset_split", "decoder", "base_model"):
-        _check_text(name, getattr(info, name))
-    if info.base_model is not None:
-        _check_repo_id(info.base_model, "base_model")
-    if revision is not None and (not isinstance(revision, str) or not _REVISION.match(revision)):
-        raise ValueError(f"revision must be a branch, tag or commit sha such as 'main', got {revision!r}")
-
-
-def _results(metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: str | None) -> tuple[list, str | None]:
-    """The card's quality metrics, and the sampling settings behind the sample-based ones."""
+def _results(
+    metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: str | None
+) -> tuple[list[EvalMetric], str | None, str | None]:
+    """The card's quality metrics, the sampling settings behind the sample-based ones, and the feature
+    network behind FID/KID/IS (``codegpt eval --fid`` records it next to the metrics)."""
     if metrics is None:
-        return [], eval_sampling
+        return [], eval_sampling, None
     results = select_metrics(metrics, info.dataset_split)
     if not results:
         raise ValueError(
@@ -408,7 +381,11 @@ def _results(metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: s
             "dataset_id: evaluation results need the id of the data they were measured on "
             "(CardInfo.dataset_id / --dataset-id), e.g. 'sklearn-digits'"
         )
-    return results, eval_sampling
+    records = [r for r in (metrics.get("final"), metrics.get("eval"), metrics.get("metrics"), metrics)
+               if isinstance(r, Mapping)]
+    networks = [r[key] for r in records for key in _FEATURE_NETWORK_KEYS if isinstance(r.get(key), str)]
+    image_based = any(_IMAGE_METRIC.search(m.key) for m in results)
+    return results, eval_sampling, networks[0] if networks and image_based else None
 
 
 def render_model_card(
@@ -445,11 +422,27 @@ def render_model_card(
     repo_id = _check_repo_id(repo_id)
     info = CardInfo() if info is None else info
     sampling = SamplingSettings() if sampling is None else sampling
-    _check_card_inputs(config, info, sampling, revision)
+    if not isinstance(config, GPTConfig):
+        raise TypeError(f"config must be a codegpt GPTConfig, got {type(config).__name__}")
+    for name, value, cls in (("info", info, CardInfo), ("sampling", sampling, SamplingSettings)):
+        if not isinstance(value, cls):
+            raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+    sampling.check(config)
+    if not isinstance(info.license, str) or not _LICENSE.match(info.license):
+        raise ValueError(
+            f"license must be a Hub license id in lower case such as 'apache-2.0', 'mit' or 'other', "
+            f"got {info.license!r}"
+        )
+    for name in ("model_name", "description", "dataset_id", "dataset_name", "dataset_split", "decoder", "base_model"):
+        _check_text(name, getattr(info, name))
+    if info.base_model is not None:
+        _check_repo_id(info.base_model, "base_model")
+    if revision is not None and (not isinstance(revision, str) or not _REVISION.match(revision)):
+        raise ValueError(f"revision must be a branch, tag or commit sha such as 'main', got {revision!r}")
     grid = _grid(config, info.grid_shape)
     class_names = _class_names(config, info.class_names)
     decoder = _decoder_text(config, codebook, info.decoder)
-    results, eval_sampling = _results(metrics, info, eval_sampling)
+    results, eval_sampling, feature_network = _results(metrics, info, eval_sampling)
     _check_text("eval_sampling", eval_sampling)
 
     model_name = info.model_name or repo_id.split("/")[-1]
@@ -492,7 +485,7 @@ def render_model_card(
         dataset_name=dataset_name, dataset_id=info.dataset_id, training_args=_training_rows(training_args),
         transformers_range=" and ".join(TESTED_TRANSFORMERS), min_torch=MIN_TORCH,
         autoencoder=autoencoder, autoencoder_dir=AUTOENCODER_DIR,
-        feature_network=_feature_network(metrics) if any(_IMAGE_METRIC.search(m.key) for m in results) else None,
+        feature_network=feature_network,
     )
 
     # The package carries the template (a link to the top-level model_card.md in a source checkout).

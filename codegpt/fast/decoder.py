@@ -44,21 +44,6 @@ def plain_kind(module: nn.Module) -> type | None:
     return base if base in _KNOWN and issubclass(cls, base) else None
 
 
-def _expected_kinds(cfg) -> dict[str, type]:
-    """Every module the model is built with, by name (as ``named_modules`` gives it), with its kind."""
-    kinds = {"": modeling.GPT, "wte": nn.Embedding, "wpe": nn.Embedding, "drop": nn.Dropout, "h": nn.ModuleList,
-             "ln_f": nn.LayerNorm, "lm_head": nn.Linear}
-    if cfg.class_conditional:
-        kinds["cls_emb"] = modeling.ClassEmbedding
-    block = {"": modeling.TransformerBlock, ".ln_1": nn.LayerNorm, ".attn": modeling.CausalSelfAttention,
-             ".attn.qkv": nn.Linear, ".attn.proj": nn.Linear, ".attn.resid_dropout": nn.Dropout,
-             ".ln_2": nn.LayerNorm, ".mlp": modeling.MLP, ".mlp.fc": nn.Linear, ".mlp.act": nn.GELU,
-             ".mlp.proj": nn.Linear, ".mlp.dropout": nn.Dropout}
-    for i in range(cfg.num_layers):
-        kinds.update((f"h.{i}{name}", kind) for name, kind in block.items())
-    return kinds
-
-
 def unknown_part(model: nn.Module) -> str | None:
     """Why the fast path cannot drive ``model``, in words (the first thing it does not know), or
     ``None`` when it knows every part: the model is codegpt's ``GPT`` with exactly the modules it is
@@ -68,7 +53,17 @@ def unknown_part(model: nn.Module) -> str | None:
         return f"the model is a {type(model).__qualname__}, not codegpt's GPT"
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return "global forward hooks are registered (torch.nn.modules.module.register_module_forward_hook)"
-    expected = _expected_kinds(model.config)
+    # Every module the model is built with, by name (as named_modules gives it), with its kind.
+    expected = {"": modeling.GPT, "wte": nn.Embedding, "wpe": nn.Embedding, "drop": nn.Dropout, "h": nn.ModuleList,
+                "ln_f": nn.LayerNorm, "lm_head": nn.Linear}
+    if model.config.class_conditional:
+        expected["cls_emb"] = modeling.ClassEmbedding
+    block = {"": modeling.TransformerBlock, ".ln_1": nn.LayerNorm, ".attn": modeling.CausalSelfAttention,
+             ".attn.qkv": nn.Linear, ".attn.proj": nn.Linear, ".attn.resid_dropout": nn.Dropout,
+             ".ln_2": nn.LayerNorm, ".mlp": modeling.MLP, ".mlp.fc": nn.Linear, ".mlp.act": nn.GELU,
+             ".mlp.proj": nn.Linear, ".mlp.dropout": nn.Dropout}
+    for i in range(model.config.num_layers):
+        expected.update((f"h.{i}{name}", kind) for name, kind in block.items())
     for name, module in model.named_modules():
         where, kind = name or "the model", expected.pop(name, None)
         if kind is None or plain_kind(module) is not kind:
