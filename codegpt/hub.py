@@ -252,19 +252,6 @@ def _quality_items(record: Mapping[str, Any], default_split: str) -> list[EvalMe
     return sorted(out, key=lambda m: (m.split, m.key))
 
 
-def _eval_sampling_from(metrics: Mapping[str, Any]) -> str | None:
-    """The sampling behind sample-based figures, from a ``settings`` record next to them (as in
-    ``codegpt demo``'s metrics.json: evaluate_prior samples at temperature 1 without top-k)."""
-    settings = metrics.get("settings")
-    if not isinstance(settings, Mapping) or "samples_per_class" not in settings:
-        return None
-    guidance, temperature = settings.get("guidance_scale"), settings.get("temperature", 1.0)
-    text = f"temperature {temperature:g}, top-k off, {settings['samples_per_class']} samples per class"
-    if guidance is not None:
-        text += f"; guided figures at guidance scale {guidance:g}, unguided ones without guidance"
-    return text
-
-
 def _check_repo_id(repo_id: object, name: str = "repo_id") -> str:
     if not isinstance(repo_id, str):
         raise TypeError(f"{name} must be a str such as 'org/name', got {type(repo_id).__name__}")
@@ -369,7 +356,15 @@ def _results(
             f"got keys {sorted(map(str, metrics))}"
         )
     sample_based = [m.key for m in results if _SAMPLE_BASED.search(m.key)]
-    eval_sampling = eval_sampling or (_eval_sampling_from(metrics) if sample_based else None)
+    settings = metrics.get("settings")
+    if not eval_sampling:  # from a settings record next to sample-based figures, as in `codegpt demo`'s metrics.json
+        eval_sampling = None
+        if sample_based and isinstance(settings, Mapping) and "samples_per_class" in settings:
+            guidance, temperature = settings.get("guidance_scale"), settings.get("temperature", 1.0)
+            # evaluate_prior samples without top-k.
+            eval_sampling = f"temperature {temperature:g}, top-k off, {settings['samples_per_class']} samples per class"
+            if guidance is not None:
+                eval_sampling += f"; guided figures at guidance scale {guidance:g}, unguided ones without guidance"
     if sample_based and eval_sampling is None:
         raise ValueError(
             f"eval_sampling: the sample-based metrics {sample_based} need the sampling settings they were "
