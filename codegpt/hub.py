@@ -173,35 +173,26 @@ def run_sampling(training_args: Mapping[str, Any] | None, config: GPTConfig) -> 
     return SamplingSettings(temperature=args.get("sample_temperature", 1.0), guidance_scale=guidance)
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}  # a field's description, shown by `codegpt push --help` (HfArgumentParser)
+def _arg(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})  # shown by `codegpt push --help` (HfArgumentParser)
 
 
 @dataclass(frozen=True)
 class CardInfo:
     """What a card says that the model's config cannot (each field's help is also a flag of ``codegpt push``)."""
 
-    license: str = field(default="apache-2.0", metadata=_help("Hub license id, e.g. apache-2.0, mit or other"))
-    model_name: str | None = field(default=None, metadata=_help("card title and model-index name (default: repo name)"))
-    description: str | None = field(default=None, metadata=_help("a paragraph under the card's title"))
-    dataset_id: str | None = field(
-        default=None,
-        metadata=_help("training data id (a Hub dataset id, or a short name such as sklearn-digits); needed for "
-                       "evaluation results (it is their dataset.type)"),
-    )
-    dataset_name: str | None = field(default=None, metadata=_help("training data's human name (default: its id)"))
-    dataset_split: str = field(default="validation", metadata=_help("the split the metrics were measured on"))
-    class_names: Sequence[str] | None = field(default=None, metadata=_help("class names, in class-id order"))
-    grid_shape: tuple[int, int] | None = field(
-        default=None, metadata=_help("code grid HxW, H*W = seq_len (default: a square seq_len)")
-    )
-    decoder: str | None = field(
-        default=None, metadata=_help("what turns codes into pixels: needed when no codebook is shipped")
-    )
-    base_model: str | None = field(
-        default=None, metadata=_help("Hub repo of the VQ tokenizer / autoencoder the codes come from")
-    )
-    tags: Sequence[str] = field(default_factory=list, metadata=_help("extra Hub tags"))
+    license: str = _arg("apache-2.0", "Hub license id, e.g. apache-2.0, mit or other")
+    model_name: str | None = _arg(None, "card title and model-index name (default: repo name)")
+    description: str | None = _arg(None, "a paragraph under the card's title")
+    dataset_id: str | None = _arg(None, "training data id (a Hub dataset id, or a short name such as sklearn-digits); "
+                                        "needed for evaluation results (it is their dataset.type)")
+    dataset_name: str | None = _arg(None, "training data's human name (default: its id)")
+    dataset_split: str = _arg("validation", "the split the metrics were measured on")
+    class_names: Sequence[str] | None = _arg(None, "class names, in class-id order")
+    grid_shape: tuple[int, int] | None = _arg(None, "code grid HxW, H*W = seq_len (default: a square seq_len)")
+    decoder: str | None = _arg(None, "what turns codes into pixels: needed when no codebook is shipped")
+    base_model: str | None = _arg(None, "Hub repo of the VQ tokenizer / autoencoder the codes come from")
+    tags: Sequence[str] = field(default_factory=list, metadata={"help": "extra Hub tags"})
 
 
 @dataclass(frozen=True)
