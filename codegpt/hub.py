@@ -507,11 +507,9 @@ def upload_file_names(with_codebook: bool, with_autoencoder: bool = False) -> li
 def _local_autoencoder(spec: Mapping[str, Any] | None, repo_id: str) -> tuple[Path | None, dict | None]:
     """A recorded diffusers autoencoder saved in a local folder: (that folder, the spec as shipped in the
     repo's ``autoencoder/``). Its weights fingerprint stays: loading it back checks them."""
-    if not spec or spec.get("kind") != "diffusers" or not spec.get("source"):
-        return None, dict(spec) if spec else None
+    if not spec or spec.get("kind") != "diffusers" or not (spec.get("source") and Path(spec["source"]).is_dir()):
+        return None, dict(spec) if spec else None  # nothing to ship (a Hub id loads from there)
     folder = Path(spec["source"]) / (spec.get("subfolder") or "")
-    if not Path(spec["source"]).is_dir():
-        return None, dict(spec)  # a Hub id: it loads from there
     missing = [name for name in _AUTOENCODER_FILES if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"the codebook's autoencoder folder {folder} lacks {missing}: save it with "
