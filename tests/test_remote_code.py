@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_modeling import tiny_model as _tiny_model
+from conftest import make_model
 from transformers import AutoModel, AutoModelForCausalLM
 
 from codegpt import GPT
@@ -44,7 +44,7 @@ def one_thread():
 
 
 def tiny_model(tie: bool = False) -> GPT:
-    return _tiny_model(tie_word_embeddings=tie)
+    return make_model(tie_word_embeddings=tie)
 
 
 def tiny_codebook() -> Codebook:
