@@ -1,13 +1,8 @@
-"""How good is a prior: held-out bits per code against a baseline, novelty, class consistency.
-
-``evaluate_prior`` measures everything on one split, as ``codegpt eval`` and the demo report it.
-The baseline (``independent_baseline_bits``) draws every position independently from its
-class-conditional histogram: the bits ratio says how much the transformer gains from modelling
-codes jointly. ``novelty`` is the fraction of samples that copy no training grid (a prior that
-memorised its training set scores near 0); ``class_consistency`` the fraction of decoded samples
-that a judge (``fit_digit_judge``, an SVC on real digits; ``fit_image_judge``, an SVC on any data set's
-decoded real training items) labels with their class.
-"""
+"""How good is a prior: held-out bits per code against an independent per-position baseline (their
+ratio says how much the transformer gains from modelling codes jointly), novelty (a prior that memorised
+its training set scores near 0) and class consistency (the fraction of decoded samples a judge labels
+with their class). ``evaluate_prior`` measures everything on one split, as ``codegpt eval`` and the demo
+report it."""
 
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
-"""Share a trained prior on the Hugging Face Hub: the model card and the upload.
-
-``render_model_card`` fills huggingface_hub's ``ModelCardData`` (its ``model-index`` from
-``EvalResult``s) and renders the top-level ``model_card.md`` template with ``ModelCard.from_template``;
-``prepare_upload_folder`` writes exactly the folder ``push_to_hub`` uploads (weights, ``config.json``
-with ``auto_map``, the two remote-code files, ``generation_config.json``, ``README.md``, and the
-codebook in ``codebook/``). The ``codegpt push`` command is in ``codegpt.cli``.
-
-Tokens: this module never writes or logs one; ``token=`` or huggingface_hub's own lookup
-(``HF_TOKEN``, ``hf auth login``) supplies it.
+"""Share a trained prior on the Hugging Face Hub: the model card (huggingface_hub's ``ModelCard`` from
+the ``model_card.md`` template) and exactly the folder ``push_to_hub`` uploads. ``codegpt push`` is in
+``codegpt.cli``. Tokens: this module never writes or logs one; ``token=`` or huggingface_hub's own
+lookup (``HF_TOKEN``, ``hf auth login``) supplies it.
 """
 
 from __future__ import annotations

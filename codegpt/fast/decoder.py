@@ -1,10 +1,6 @@
-"""The KV-cache decoder behind ``codegpt.generate``: ``prefill`` a prompt, then one ``step`` per token.
-
-``KVDecoder(model, batch_size, classes, length)`` picks one of two paths, once: ``FastDecoder``, the
-model's own modules over a cache preallocated for the whole image, when it knows every part of the model
-(``unknown_part(model)`` is None); else ``ModelDecoder``, the model's forward over a ``DynamicCache``, so
-that hooks, adapters (LoRA), quantised layers or weights spread over devices work, more slowly. Both run
-in eval mode (sampling is inference) and return the last position's logits ``(B, vocab_size)``.
+"""The KV-cache decoder behind ``codegpt.generate``: ``prefill`` a prompt, then one ``step`` per token,
+on the model's own modules (``FastDecoder``) or, for models with parts it does not know (hooks, adapters,
+quantised layers, several devices), through the model's forward (``ModelDecoder``); see ``KVDecoder``.
 
 Why a fast path of our own rather than ``model(..., cache=DynamicCache())``: the image length is known
 up front, so the cache can be allocated once and written in place (a ``DynamicCache`` concatenates,

@@ -149,12 +149,9 @@ _KERNEL_FOR = {kernel.plain_base: kernel for kernel in KERNELS}
 
 
 def use_cpu_kernels(model: nn.Module) -> nn.Module:
-    """Swap the CPU kernels into ``model`` in place (``module.__class__``) and return it.
-
-    Only exact ``nn.Linear`` / ``nn.Dropout`` / ``nn.GELU(approximate="tanh")`` instances change:
-    subclasses (quantised or adapter layers) and modules with a patched ``forward`` are left alone.
-    Parameters, buffers, hooks and the state dict are untouched.
-    """
+    """Swap the CPU kernels into ``model`` in place (``module.__class__``, see above) and return it.
+    Subclasses (quantised or adapter layers) and modules with a patched ``forward`` are left alone;
+    parameters, buffers, hooks and the state dict are untouched."""
     for module in model.modules():
         kernel = _KERNEL_FOR.get(type(module))
         # An exact GELU stays: torch's own kernel is the fast one.
