@@ -108,7 +108,7 @@ class KVDecoder:
     fast: bool
 
     def __new__(cls, model: nn.Module, *args, **kwargs) -> KVDecoder:
-        if cls is KVDecoder:  # the path is chosen here, once; Python then runs the chosen class's _build
+        if cls is KVDecoder:  # the path is chosen here, once; __init__ then calls its _build
             cls = FastDecoder if unknown_part(model) is None else ModelDecoder
         return super().__new__(cls)
 
@@ -144,7 +144,7 @@ class ModelDecoder(KVDecoder):
 
     fast = False
 
-    def _build(self, model: nn.Module, cfg, classes: torch.Tensor | None) -> None:
+    def _build(self, model: nn.Module, cfg: modeling.GPTConfig, classes: torch.Tensor | None) -> None:
         self.model, self.classes = model, classes
         self.fallback_reason = unknown_part(model)
         # The head on the last position only, where the model's forward takes transformers' argument.
@@ -219,7 +219,7 @@ class FastDecoder(KVDecoder):
 
     fast = True
 
-    def _build(self, model: nn.Module, cfg, classes: torch.Tensor | None) -> None:
+    def _build(self, model: nn.Module, cfg: modeling.GPTConfig, classes: torch.Tensor | None) -> None:
         if (reason := unknown_part(model)) is not None:
             raise NotImplementedError(f"the fast decoder cannot drive this model: {reason}; KVDecoder(...) "
                                       "falls back to the model's own forward")
