@@ -122,17 +122,6 @@ def _resolve_batch(
     return input_ids.to(device=device, dtype=torch.long), classes
 
 
-def _as_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
-    if _is_int(generator):
-        return torch.Generator(device=device).manual_seed(int(generator))
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
-                         f"create it with torch.Generator(device={str(device)!r})")
-    return generator
-
-
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of ``probs`` ``(B, V)``, by inverse CDF: one uniform per row, where
     ``torch.multinomial`` draws an exponential for every entry (B x V: 4% of a decode step at batch 8).
@@ -221,7 +210,13 @@ def generate(
     if guided and classes is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs classes: without them both halves of the "
                          "guidance batch are the null class")
-    generator = _as_generator(generator, device)
+    if _is_int(generator):
+        generator = torch.Generator(device=device).manual_seed(int(generator))
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    elif generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
+                         f"create it with torch.Generator(device={str(device)!r})")
     user_processors = list(logits_processor or [])
     for p in user_processors:
         if not callable(p):
