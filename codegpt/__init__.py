@@ -28,16 +28,6 @@ GPTConfig.register_for_auto_class()
 GPT.register_for_auto_class("AutoModel")
 
 __all__ = [
-    "GPT",
-    "Codebook",
-    "CodeDataset",
-    "CodeDatasetWriter",
-    "GPTConfig",
-    "GPTOutput",
-    "generate",
-    "load_code_dataset",
-    "remove_cpu_kernels",
-    "to_grid",
-    "use_cpu_kernels",
-    "write_code_dataset",
+    "GPT", "Codebook", "CodeDataset", "CodeDatasetWriter", "GPTConfig", "GPTOutput", "generate", "load_code_dataset",
+    "remove_cpu_kernels", "to_grid", "use_cpu_kernels", "write_code_dataset",
 ]

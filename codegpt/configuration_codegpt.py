@@ -18,12 +18,6 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> N
         raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
-def _check_prob(name: str, value: object) -> None:
-    """Raise if ``value`` is not a float in [0, 1): a dropout of 1 would zero every activation."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-
-
 class GPTConfig(PretrainedConfig):
     r"""Configuration of :class:`GPT`, an autoregressive prior over the codes of an image.
 
@@ -110,7 +104,8 @@ class GPTConfig(PretrainedConfig):
         _check_int("mlp_dim", mlp_dim, 1)
         for name, p in (("embd_dropout", embd_dropout), ("attn_dropout", attn_dropout),
                         ("resid_dropout", resid_dropout), ("class_dropout_prob", class_dropout_prob)):
-            _check_prob(name, p)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")  # 1 would zero every activation
         if not isinstance(class_conditional, bool):
             raise ValueError(f"class_conditional must be a bool, got {class_conditional!r}")
         _check_int("num_classes", num_classes, 1 if class_conditional else 0)

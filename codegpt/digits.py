@@ -55,9 +55,7 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
         raise TypeError(f"images must be a torch.Tensor or numpy array, got {type(images).__name__}")
     if images.ndim != 3:
         raise ValueError(f"images must have shape (N, H, W), got {tuple(images.shape)}")
-    check_int("patch", patch, low=1)
-    if images.shape[1] % patch or images.shape[2] % patch:
-        raise ValueError(f"image size {tuple(images.shape[1:])} must be divisible by patch={patch}")
+    # PatchAutoencoder checks the patch size (an int that divides the image's).
     patches = PatchAutoencoder(tuple(images.shape[1:]), 1, patch)._encode_batch(images[:, None])
     return patches.to(images.dtype)  # scale 1: exact for any dtype
 
@@ -93,13 +91,11 @@ def digits_code_dataset(
     becomes an (8/p, 8/p) code grid; the validation images (``val_fraction`` split by ``seed``, the split
     ``CodeDataset.split`` gives; 0 for none) stay unseen by the fit. Metrics are on the 0-16 pixel scale.
     """
-    check_int("patch", patch, low=1)
-    if 8 % patch:
-        raise ValueError(f"patch must divide the digits' size 8, got {patch}")
     images, labels = load_digits_images()
+    patches = patchify(images, patch)  # checks patch
     side = 8 // patch
     return fit_code_dataset(
-        out_dir, patchify(images, patch), labels, num_codes=num_codes, val_fraction=val_fraction, seed=seed,
+        out_dir, patches, labels, num_codes=num_codes, val_fraction=val_fraction, seed=seed,
         num_classes=10, class_names=DIGITS_CLASS_NAMES, progress=progress,
         codebook_description=f"{patch}x{patch} pixel patches of scikit-learn's 8x8 digits, values 0-16, "
                              "flattened row-major",

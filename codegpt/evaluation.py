@@ -1,19 +1,13 @@
-"""How good is a prior: held-out bits per code against a baseline, novelty, class consistency.
-
-``evaluate_prior`` measures everything on one split, as ``codegpt eval`` and the demo report it.
-The baseline (``independent_baseline_bits``) draws every position independently from its
-class-conditional histogram: the bits ratio says how much the transformer gains from modelling
-codes jointly. ``novelty`` is the fraction of samples that copy no training grid (a prior that
-memorised its training set scores near 0); ``class_consistency`` the fraction of decoded samples
-that a judge (``fit_digit_judge``, an SVC on real digits; ``fit_image_judge``, an SVC on any data set's
-decoded real training items) labels with their class.
-"""
+"""How good is a prior: held-out bits per code against an independent per-position baseline (their
+ratio says how much the transformer gains from modelling codes jointly), novelty (a prior that memorised
+its training set scores near 0) and class consistency (the fraction of decoded samples a judge labels
+with their class). ``evaluate_prior`` measures everything on one split, as ``codegpt eval`` and the demo
+report it."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,14 +28,9 @@ __all__ = [
 
 def code_arrays(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All codes (N, seq_len) and classes (N,) (None if unlabelled) of a code dataset or Subset."""
-    indices: Sequence[int] = range(len(dataset))
-    base = dataset
-    if isinstance(dataset, Subset) and hasattr(dataset.dataset, "__getitems__"):
-        base, indices = dataset.dataset, dataset.indices
-    if hasattr(base, "__getitems__"):
-        items = base.__getitems__(list(indices))  # one gather per shard
-    else:
-        items = [base[i] for i in indices]
+    indices = list(range(len(dataset)))
+    # One gather per shard where the dataset (or a Subset's, through torch's Subset) has __getitems__.
+    items = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
     if not items:
         raise ValueError("the dataset is empty")
     codes = torch.stack([item["input_ids"][1:] for item in items])
@@ -143,19 +132,19 @@ def evaluate(
     return {"loss_nats": mean, "bits_per_code": mean / math.log(2), "num_codes": int(count)}
 
 
-def fit_digit_judge(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, seed: int = 0):
-    """An SVC (RBF kernel, C=10, gamma='scale') on real digit pixels (N, 8, 8), values 0-16.
+def _flat(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    return np.asarray(images, dtype=np.float64).reshape(len(images), -1)  # (N, pixels)
 
-    Logistic regression is too weak a judge here: it confuses real 1s, 8s and 9s often enough to
-    blur the measurement. This one scores about 99% on held-out real digits.
-    """
+
+def fit_digit_judge(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, seed: int = 0):
+    """An SVC (RBF kernel, C=10, gamma='scale') on real pixels (N, ...): on the digits (N, 8, 8), values
+    0-16, it scores about 99% held out. Logistic regression is too weak a judge here: it confuses real
+    1s, 8s and 9s often enough to blur the measurement."""
     try:
         from sklearn.svm import SVC
     except ImportError as err:
-        raise ImportError("the digits judge needs scikit-learn: pip install 'codegpt[demo]'") from err
-    X = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
-    y = np.asarray(labels)
-    return SVC(C=10.0, gamma="scale", random_state=seed).fit(X, y)
+        raise ImportError("the class-consistency judge needs scikit-learn: pip install 'codegpt[demo]'") from err
+    return SVC(C=10.0, gamma="scale", random_state=seed).fit(_flat(images), np.asarray(labels))
 
 
 def digit_judge_accuracy(judge: Any, codebook: Any, images: torch.Tensor, labels: torch.Tensor,
@@ -173,10 +162,6 @@ def fit_image_judge(train_part: Dataset, to_pixels: Any, seed: int = 0, max_item
     """A judge for any labelled code dataset: an SVC (RBF, C=10) on the pixels of its real training items
     decoded through codebook and autoencoder (``to_pixels``: codes (N, H, W) -> images (N, ...)), the
     images the prior learnt from. At most ``max_items`` items (a seeded draw) keep the fit quick."""
-    try:
-        from sklearn.svm import SVC
-    except ImportError as err:
-        raise ImportError("the class-consistency judge needs scikit-learn: pip install scikit-learn") from err
     codes, classes = code_arrays(train_part)
     if classes is None:
         raise ValueError("the training data is unlabelled: there is no class consistency to judge")
@@ -184,8 +169,7 @@ def fit_image_judge(train_part: Dataset, to_pixels: Any, seed: int = 0, max_item
         keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:max_items]
         codes, classes = codes[keep], classes[keep]
     grid = getattr(train_part, "dataset", train_part).grid
-    pixels = np.asarray(to_pixels(codes.reshape(-1, *grid)), dtype=np.float64).reshape(len(codes), -1)
-    return SVC(C=10.0, gamma="scale", random_state=seed).fit(pixels, classes.numpy())
+    return fit_digit_judge(to_pixels(codes.reshape(-1, *grid)), classes, seed)
 
 
 def judge_accuracy(judge: Any, val_part: Dataset, to_pixels: Any) -> float:
@@ -197,9 +181,7 @@ def judge_accuracy(judge: Any, val_part: Dataset, to_pixels: Any) -> float:
 
 def class_consistency(judge: Any, images: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray) -> float:
     """Fraction of ``images`` (N, ...) that ``judge.predict`` labels with ``classes`` (N,)."""
-    X = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
-    predicted = judge.predict(X)
-    return float((predicted == np.asarray(classes)).mean())
+    return float((judge.predict(_flat(images)) == np.asarray(classes)).mean())
 
 
 def evaluate_prior(

@@ -1,13 +1,7 @@
-"""Share a trained prior on the Hugging Face Hub: the model card and the upload.
-
-``render_model_card`` fills huggingface_hub's ``ModelCardData`` (its ``model-index`` from
-``EvalResult``s) and renders the top-level ``model_card.md`` template with ``ModelCard.from_template``;
-``prepare_upload_folder`` writes exactly the folder ``push_to_hub`` uploads (weights, ``config.json``
-with ``auto_map``, the two remote-code files, ``generation_config.json``, ``README.md``, and the
-codebook in ``codebook/``). The ``codegpt push`` command is in ``codegpt.cli``.
-
-Tokens: this module never writes or logs one; ``token=`` or huggingface_hub's own lookup
-(``HF_TOKEN``, ``hf auth login``) supplies it.
+"""Share a trained prior on the Hugging Face Hub: the model card (huggingface_hub's ``ModelCard`` from
+the ``model_card.md`` template) and exactly the folder ``push_to_hub`` uploads. ``codegpt push`` is in
+``codegpt.cli``. Tokens: this module never writes or logs one; ``token=`` or huggingface_hub's own
+lookup (``HF_TOKEN``, ``hf auth login``) supplies it.
 """
 
 from __future__ import annotations
@@ -31,7 +25,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import __version__
 from . import sampling as _sampling
-from ._util import read_json, replace_dir, write_text
+from ._util import check_path, read_json, replace_dir, write_text
 from .codebook import Codebook
 from .configuration_codegpt import GPTConfig
 from .data import _read_metadata  # private: data.py's one reader of dataset.json
@@ -70,29 +64,26 @@ _LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 # A revision is pasted into Python code on the card: a branch, tag or commit name, never a quote.
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
-# Names of the figures codegpt computes (codegpt.training, codegpt.evaluation.evaluate_prior) whose
-# key alone would not say what they measure; other keys are shown capitalised.
+# Names of the figures codegpt computes (codegpt.training, codegpt.evaluation.evaluate_prior, `codegpt eval
+# --fid`) whose key alone would not say what they measure; other keys are shown capitalised.
+_SAMPLE_SETS = {"guided": "guided samples", "unguided": "unguided samples", "unconditional": "samples"}
+_PER_SAMPLE_SET = {
+    "class_consistency": "Class consistency, {} (judged)",
+    "novelty": "Novelty, {} (not a training image)",
+    "fid": "FID, {} vs held-out images",
+    "kid_mean": "KID, {} vs held-out images",
+    "inception_score_mean": "Inception Score, {}",
+}
 _METRIC_NAMES = {
     "loss_nats": "Cross-entropy (nats per code)",
     "baseline_bits_per_code": "Bits per code of an independent per-position baseline",
     "bits_ratio": "Bits per code / baseline's",
-    "class_consistency_guided": "Class consistency, guided samples (judged)",
-    "class_consistency_unguided": "Class consistency, unguided samples (judged)",
-    "novelty_guided": "Novelty, guided samples (not a training image)",
-    "novelty_unguided": "Novelty, unguided samples (not a training image)",
     "judge_accuracy": "Judge accuracy, held-out images through the codebook",
     "judge_accuracy_real": "Judge accuracy, real held-out images",
     "codebook_mse": "Codebook reconstruction MSE, held out",
     "codebook_mse_train": "Codebook reconstruction MSE, training split",
-    "fid_guided": "FID, guided samples vs held-out images",
-    "fid_unguided": "FID, unguided samples vs held-out images",
-    "fid_unconditional": "FID, samples vs held-out images",
-    "kid_mean_guided": "KID, guided samples vs held-out images",
-    "kid_mean_unguided": "KID, unguided samples vs held-out images",
-    "kid_mean_unconditional": "KID, samples vs held-out images",
-    "inception_score_mean_guided": "Inception Score, guided samples",
-    "inception_score_mean_unguided": "Inception Score, unguided samples",
-    "inception_score_mean_unconditional": "Inception Score, samples",
+    **{f"{key}_{kind}": name.format(samples) for key, name in _PER_SAMPLE_SET.items()
+       for kind, samples in _SAMPLE_SETS.items()},
     "fid_reconstruction": "Reconstruction FID, held-out images through autoencoder + codebook (the ceiling)",
     "fid_autoencoder": "Reconstruction FID, held-out images through the autoencoder alone",
     "mse_reconstruction": "Reconstruction MSE (pixels in [0, 1]), through autoencoder + codebook",
@@ -132,12 +123,7 @@ class SamplingSettings:
 
     def check(self, config: GPTConfig) -> None:
         """Raise ``ValueError`` naming the first setting out of range for ``config``."""
-        _sampling.check_sampling_args(self.temperature, self.top_k, self.top_p, self.guidance_scale)
-        if self.guided and not config.class_conditional:
-            raise ValueError(
-                f"guidance_scale={self.guidance_scale} needs a class-conditional model "
-                "(config.class_conditional=False); leave it unset"
-            )
+        _sampling.check_sampling_args(self.temperature, self.top_k, self.top_p, self.guidance_scale, config)
 
     @property
     def guided(self) -> bool:
@@ -181,35 +167,26 @@ def run_sampling(training_args: Mapping[str, Any] | None, config: GPTConfig) -> 
     return SamplingSettings(temperature=args.get("sample_temperature", 1.0), guidance_scale=guidance)
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}  # a field's description, shown by `codegpt push --help` (HfArgumentParser)
+def _arg(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})  # shown by `codegpt push --help` (HfArgumentParser)
 
 
 @dataclass(frozen=True)
 class CardInfo:
     """What a card says that the model's config cannot (each field's help is also a flag of ``codegpt push``)."""
 
-    license: str = field(default="apache-2.0", metadata=_help("Hub license id, e.g. apache-2.0, mit or other"))
-    model_name: str | None = field(default=None, metadata=_help("card title and model-index name (default: repo name)"))
-    description: str | None = field(default=None, metadata=_help("a paragraph under the card's title"))
-    dataset_id: str | None = field(
-        default=None,
-        metadata=_help("training data id (a Hub dataset id, or a short name such as sklearn-digits); needed for "
-                       "evaluation results (it is their dataset.type)"),
-    )
-    dataset_name: str | None = field(default=None, metadata=_help("training data's human name (default: its id)"))
-    dataset_split: str = field(default="validation", metadata=_help("the split the metrics were measured on"))
-    class_names: Sequence[str] | None = field(default=None, metadata=_help("class names, in class-id order"))
-    grid_shape: tuple[int, int] | None = field(
-        default=None, metadata=_help("code grid HxW, H*W = seq_len (default: a square seq_len)")
-    )
-    decoder: str | None = field(
-        default=None, metadata=_help("what turns codes into pixels: needed when no codebook is shipped")
-    )
-    base_model: str | None = field(
-        default=None, metadata=_help("Hub repo of the VQ tokenizer / autoencoder the codes come from")
-    )
-    tags: Sequence[str] = field(default_factory=list, metadata=_help("extra Hub tags"))
+    license: str = _arg("apache-2.0", "Hub license id, e.g. apache-2.0, mit or other")
+    model_name: str | None = _arg(None, "card title and model-index name (default: repo name)")
+    description: str | None = _arg(None, "a paragraph under the card's title")
+    dataset_id: str | None = _arg(None, "training data id (a Hub dataset id, or a short name such as sklearn-digits); "
+                                        "needed for evaluation results (it is their dataset.type)")
+    dataset_name: str | None = _arg(None, "training data's human name (default: its id)")
+    dataset_split: str = _arg("validation", "the split the metrics were measured on")
+    class_names: Sequence[str] | None = _arg(None, "class names, in class-id order")
+    grid_shape: tuple[int, int] | None = _arg(None, "code grid HxW, H*W = seq_len (default: a square seq_len)")
+    decoder: str | None = _arg(None, "what turns codes into pixels: needed when no codebook is shipped")
+    base_model: str | None = _arg(None, "Hub repo of the VQ tokenizer / autoencoder the codes come from")
+    tags: Sequence[str] = field(default_factory=list, metadata={"help": "extra Hub tags"})
 
 
 @dataclass(frozen=True)
@@ -258,31 +235,6 @@ def _quality_items(record: Mapping[str, Any], default_split: str) -> list[EvalMe
         split = _SPLIT_PREFIXES.get(prefix, default_split)
         out.append(EvalMetric(key=raw_key[len(prefix) :], value=float(value), split=split))
     return sorted(out, key=lambda m: (m.split, m.key))
-
-
-def _eval_sampling_from(metrics: Mapping[str, Any] | None) -> str | None:
-    """The sampling behind sample-based figures, from a ``settings`` record next to them (as in
-    ``codegpt demo``'s metrics.json: evaluate_prior samples at temperature 1 without top-k)."""
-    settings = metrics.get("settings") if isinstance(metrics, Mapping) else None
-    if not isinstance(settings, Mapping) or "samples_per_class" not in settings:
-        return None
-    guidance, temperature = settings.get("guidance_scale"), settings.get("temperature", 1.0)
-    text = f"temperature {temperature:g}, top-k off, {settings['samples_per_class']} samples per class"
-    if guidance is not None:
-        text += f"; guided figures at guidance scale {guidance:g}, unguided ones without guidance"
-    return text
-
-
-def _feature_network(metrics: Mapping[str, Any] | None) -> str | None:
-    """What FID/KID/IS were measured with, said next to the metrics (``codegpt eval --fid`` writes it)."""
-    if not isinstance(metrics, Mapping):
-        return None
-    for record in (*(metrics.get(k) for k in ("final", "eval", "metrics")), metrics):
-        if isinstance(record, Mapping):
-            for key in _FEATURE_NETWORK_KEYS:
-                if isinstance(record.get(key), str):
-                    return record[key]
-    return None
 
 
 def _check_repo_id(repo_id: object, name: str = "repo_id") -> str:
@@ -375,30 +327,13 @@ def _decoder_text(config: GPTConfig, codebook: Codebook | None, decoder: str | N
     return decoder or "turn the latents into pixels with the decoder of the autoencoder the codebook was fitted on."
 
 
-def _check_card_inputs(config: GPTConfig, info: CardInfo, sampling: SamplingSettings, revision: str | None) -> None:
-    if not isinstance(config, GPTConfig):
-        raise TypeError(f"config must be a codegpt GPTConfig, got {type(config).__name__}")
-    for name, value, cls in (("info", info, CardInfo), ("sampling", sampling, SamplingSettings)):
-        if not isinstance(value, cls):
-            raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
-    sampling.check(config)
-    if not isinstance(info.license, str) or not _LICENSE.match(info.license):
-        raise ValueError(
-            f"license must be a Hub license id in lower case such as 'apache-2.0', 'mit' or 'other', "
-            f"got {info.license!r}"
-        )
-    for name in ("model_name", "description", "dataset_id", "dataset_name", "dataset_split", "decoder", "base_model"):
-        _check_text(name, getattr(info, name))
-    if info.base_model is not None:
-        _check_repo_id(info.base_model, "base_model")
-    if revision is not None and (not isinstance(revision, str) or not _REVISION.match(revision)):
-        raise ValueError(f"revision must be a branch, tag or commit sha such as 'main', got {revision!r}")
-
-
-def _results(metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: str | None) -> tuple[list, str | None]:
-    """The card's quality metrics, and the sampling settings behind the sample-based ones."""
+def _results(
+    metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: str | None
+) -> tuple[list[EvalMetric], str | None, str | None]:
+    """The card's quality metrics, the sampling settings behind the sample-based ones, and the feature
+    network behind FID/KID/IS (``codegpt eval --fid`` records it next to the metrics)."""
     if metrics is None:
-        return [], eval_sampling
+        return [], eval_sampling, None
     results = select_metrics(metrics, info.dataset_split)
     if not results:
         raise ValueError(
@@ -406,7 +341,15 @@ def _results(metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: s
             f"got keys {sorted(map(str, metrics))}"
         )
     sample_based = [m.key for m in results if _SAMPLE_BASED.search(m.key)]
-    eval_sampling = eval_sampling or (_eval_sampling_from(metrics) if sample_based else None)
+    settings = metrics.get("settings")
+    if not eval_sampling:  # from a settings record next to sample-based figures, as in `codegpt demo`'s metrics.json
+        eval_sampling = None
+        if sample_based and isinstance(settings, Mapping) and "samples_per_class" in settings:
+            guidance, temperature = settings.get("guidance_scale"), settings.get("temperature", 1.0)
+            # evaluate_prior samples without top-k.
+            eval_sampling = f"temperature {temperature:g}, top-k off, {settings['samples_per_class']} samples per class"
+            if guidance is not None:
+                eval_sampling += f"; guided figures at guidance scale {guidance:g}, unguided ones without guidance"
     if sample_based and eval_sampling is None:
         raise ValueError(
             f"eval_sampling: the sample-based metrics {sample_based} need the sampling settings they were "
@@ -418,15 +361,11 @@ def _results(metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: s
             "dataset_id: evaluation results need the id of the data they were measured on "
             "(CardInfo.dataset_id / --dataset-id), e.g. 'sklearn-digits'"
         )
-    return results, eval_sampling
-
-
-def _template(template_path: str | os.PathLike[str] | None) -> tuple[Path, str]:
-    # The package carries the template (a link to the top-level model_card.md in a source checkout).
-    path = Path(__file__).with_name("model_card.md") if template_path is None else Path(template_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"template_path: no such file {str(path)!r} (codegpt push --template FILE)")
-    return path, path.read_text(encoding="utf-8")
+    records = [r for r in (metrics.get("final"), metrics.get("eval"), metrics.get("metrics"), metrics)
+               if isinstance(r, Mapping)]
+    networks = [r[key] for r in records for key in _FEATURE_NETWORK_KEYS if isinstance(r.get(key), str)]
+    image_based = any(_IMAGE_METRIC.search(m.key) for m in results)
+    return results, eval_sampling, networks[0] if networks and image_based else None
 
 
 def render_model_card(
@@ -463,11 +402,27 @@ def render_model_card(
     repo_id = _check_repo_id(repo_id)
     info = CardInfo() if info is None else info
     sampling = SamplingSettings() if sampling is None else sampling
-    _check_card_inputs(config, info, sampling, revision)
+    if not isinstance(config, GPTConfig):
+        raise TypeError(f"config must be a codegpt GPTConfig, got {type(config).__name__}")
+    for name, value, cls in (("info", info, CardInfo), ("sampling", sampling, SamplingSettings)):
+        if not isinstance(value, cls):
+            raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+    sampling.check(config)
+    if not isinstance(info.license, str) or not _LICENSE.match(info.license):
+        raise ValueError(
+            f"license must be a Hub license id in lower case such as 'apache-2.0', 'mit' or 'other', "
+            f"got {info.license!r}"
+        )
+    for name in ("model_name", "description", "dataset_id", "dataset_name", "dataset_split", "decoder", "base_model"):
+        _check_text(name, getattr(info, name))
+    if info.base_model is not None:
+        _check_repo_id(info.base_model, "base_model")
+    if revision is not None and (not isinstance(revision, str) or not _REVISION.match(revision)):
+        raise ValueError(f"revision must be a branch, tag or commit sha such as 'main', got {revision!r}")
     grid = _grid(config, info.grid_shape)
     class_names = _class_names(config, info.class_names)
     decoder = _decoder_text(config, codebook, info.decoder)
-    results, eval_sampling = _results(metrics, info, eval_sampling)
+    results, eval_sampling, feature_network = _results(metrics, info, eval_sampling)
     _check_text("eval_sampling", eval_sampling)
 
     model_name = info.model_name or repo_id.split("/")[-1]
@@ -510,10 +465,14 @@ def render_model_card(
         dataset_name=dataset_name, dataset_id=info.dataset_id, training_args=_training_rows(training_args),
         transformers_range=" and ".join(TESTED_TRANSFORMERS), min_torch=MIN_TORCH,
         autoencoder=autoencoder, autoencoder_dir=AUTOENCODER_DIR,
-        feature_network=_feature_network(metrics) if any(_IMAGE_METRIC.search(m.key) for m in results) else None,
+        feature_network=feature_network,
     )
 
-    path, template = _template(template_path)
+    # The package carries the template (a link to the top-level model_card.md in a source checkout).
+    path = Path(__file__).with_name("model_card.md") if template_path is None else Path(template_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"template_path: no such file {str(path)!r} (codegpt push --template FILE)")
+    template = path.read_text(encoding="utf-8")
     # from_template renders with Jinja's lenient defaults: a misspelt name would vanish silently.
     try:
         names = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
@@ -542,11 +501,9 @@ def upload_file_names(with_codebook: bool, with_autoencoder: bool = False) -> li
 def _local_autoencoder(spec: Mapping[str, Any] | None, repo_id: str) -> tuple[Path | None, dict | None]:
     """A recorded diffusers autoencoder saved in a local folder: (that folder, the spec as shipped in the
     repo's ``autoencoder/``). Its weights fingerprint stays: loading it back checks them."""
-    if not spec or spec.get("kind") != "diffusers" or not spec.get("source"):
-        return None, dict(spec) if spec else None
+    if not spec or spec.get("kind") != "diffusers" or not (spec.get("source") and Path(spec["source"]).is_dir()):
+        return None, dict(spec) if spec else None  # nothing to ship (a Hub id loads from there)
     folder = Path(spec["source"]) / (spec.get("subfolder") or "")
-    if not Path(spec["source"]).is_dir():
-        return None, dict(spec)  # a Hub id: it loads from there
     missing = [name for name in _AUTOENCODER_FILES if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"the codebook's autoencoder folder {folder} lacks {missing}: save it with "
@@ -687,9 +644,8 @@ def prepare_upload_folder(
     class names and dataset name where ``info`` leaves them blank. ``revision``, ``info``,
     ``eval_sampling``, ``template_path``: see ``render_model_card``.
     """
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
-    return _write_folder(_prepare(model_dir, repo_id=repo_id, **kwargs), Path(out_dir), revision, overwrite)
+    out_dir = check_path("out_dir", out_dir)
+    return _write_folder(_prepare(model_dir, repo_id=repo_id, **kwargs), out_dir, revision, overwrite)
 
 
 def push_to_hub(

@@ -1,8 +1,7 @@
 """GPT prior over discrete image codes, as a transformers model: the output, eager attention (the
 others come from transformers' registry), the class embedding, attention, MLP, block, then the model.
-It ships as Hub remote code next to ``configuration_codegpt.py`` and imports only torch, transformers,
-the standard library and that file (CPU kernels live in ``codegpt.fast``, swapped in from outside).
-"""
+Hub remote code: it imports only torch, transformers, the standard library and ``configuration_codegpt``
+(the CPU kernels of ``codegpt.fast`` are swapped in from outside)."""
 
 from __future__ import annotations
 
@@ -28,8 +27,8 @@ _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 
 @dataclass
 class GPTOutput(CausalLMOutputWithPast):
-    """A ``CausalLMOutputWithPast`` that also unpacks as ``logits, loss``. ``out.loss``, ``out["loss"]``,
-    ``out[0]``, ``out.to_tuple()`` and ``dict(out)`` behave as for any transformers output."""
+    """A ``CausalLMOutputWithPast`` (``out.loss``, ``out["loss"]``, ``out[0]``, ``to_tuple()``) that also
+    unpacks as ``logits, loss``."""
 
     def __iter__(self):
         return iter((self.logits, self.loss))
@@ -234,16 +233,14 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
-    def null_class(self) -> int:
-        """Index of the null class embedding row (``num_classes``)."""
+    def null_class(self) -> int:  # the row of the null class embedding
         return self.config.num_classes
 
     def create_masks_for_generate(self, *args, attention_mask: torch.Tensor | None = None, **kwargs):
         """generate() asks for a 4-D mask when the cache is static; forward builds its own from the 2-D one."""
         return attention_mask
 
-    def _checks_values(self, t: torch.Tensor) -> bool:
-        """Whether forward reads ``t``'s values to check them (see the class docstring)."""
+    def _checks_values(self, t: torch.Tensor) -> bool:  # whether forward reads t's values (see the class docstring)
         if torch.compiler.is_compiling():
             return False
         return t.device.type == "cpu" if self.check_input_values is None else self.check_input_values
@@ -297,22 +294,13 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
                              f"got {tuple(attention_mask.shape)}")
 
     def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        classes: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        shift_labels: torch.LongTensor | None = None,
-        **kwargs,
+        self, input_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
+        classes: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
+        past_key_values: Cache | None = None, inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None, output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None, return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0, shift_labels: torch.LongTensor | None = None, **kwargs,
     ) -> GPTOutput | tuple:
         r"""
         Args:

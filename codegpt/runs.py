@@ -214,9 +214,7 @@ def sample_classes(
         labels = torch.tensor(wanted, device=device).repeat_interleave(num_per_class)
     elif classes is not None:
         raise ValueError("classes were given but the model is unconditional (config.class_conditional=False)")
-    was_training = model.training
-    model.eval()
-    chunks = []
+    chunks = []  # generate() samples in eval mode and leaves the model's mode alone
     total = len(labels) if config.class_conditional else num_per_class
     for begin in range(0, total, batch_size):
         end = min(begin + batch_size, total)
@@ -224,7 +222,6 @@ def sample_classes(
                           num_samples=None if config.class_conditional else end - begin, guidance_scale=guidance_scale,
                           temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         chunks.append(tokens[:, 1:])  # drop the start token
-    model.train(was_training)
     return torch.cat(chunks).cpu(), labels.cpu() if config.class_conditional else None
 
 

@@ -34,10 +34,11 @@ def _is_int(value: object) -> bool:
 
 
 def check_sampling_args(
-    temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float | None
+    temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float | None,
+    config: PretrainedConfig | None = None,
 ) -> None:
-    """Raise ``ValueError`` naming the first of the sampling knobs out of its range (the model is not
-    needed: whether guidance suits it is ``generate``'s check)."""
+    """Raise ``ValueError`` naming the first of the sampling knobs out of its range, or guidance that
+    the model of ``config`` (when given) cannot take."""
     check_float("temperature", temperature, 0)
     if top_k is not None and (not _is_int(top_k) or top_k < 0):
         raise ValueError(f"top_k must be None or an int >= 0 (0 or None is off), got {top_k!r}")
@@ -45,6 +46,9 @@ def check_sampling_args(
         check_float("top_p", top_p, 0, 1, low_open=True)
     if guidance_scale is not None:
         check_float("guidance_scale", guidance_scale, 0)
+        if guidance_scale != 1 and config is not None and not config.class_conditional:
+            raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model "
+                             "(config.class_conditional=False); leave it unset (None)")
 
 
 def _check_classes(
@@ -102,10 +106,9 @@ def _resolve_batch(
     long tensors on ``device``. Those given must agree on the batch size (1 when none is)."""
     if num_samples is not None and (not _is_int(num_samples) or num_samples < 1):
         raise ValueError(f"num_samples must be None or an int >= 1, got {num_samples!r}")
-    if input_ids is not None:
-        input_ids = _check_prompt(cfg, input_ids)
     sizes = {} if num_samples is None else {"num_samples": int(num_samples)}
     if input_ids is not None:
+        input_ids = _check_prompt(cfg, input_ids)
         sizes["input_ids"] = input_ids.shape[0]
     if classes is not None:
         # One int is the class of the whole batch, however large the other arguments make it.
@@ -117,17 +120,6 @@ def _resolve_batch(
         input_ids = torch.full((next(iter(sizes.values()), 1), 1), cfg.start_token_id, dtype=torch.long)
     classes = None if classes is None else classes.to(device=device, dtype=torch.long)
     return input_ids.to(device=device, dtype=torch.long), classes
-
-
-def _as_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
-    if _is_int(generator):
-        return torch.Generator(device=device).manual_seed(int(generator))
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
-                         f"create it with torch.Generator(device={str(device)!r})")
-    return generator
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -202,8 +194,8 @@ def generate(
     """
     if getattr(getattr(model, "config", None), "model_type", None) != "codegpt":
         raise TypeError(f"model must be a codegpt GPT, got {type(model).__name__}")
-    check_sampling_args(temperature, top_k, top_p, guidance_scale)
     cfg = model.config
+    check_sampling_args(temperature, top_k, top_p, guidance_scale, cfg)
     device = input_device(model)
     input_ids, classes = _resolve_batch(cfg, input_ids, classes, num_samples, device)
     B, T = input_ids.shape
@@ -215,13 +207,16 @@ def generate(
                          f"length {T}), got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
     guided = guidance_scale is not None and guidance_scale != 1
-    if guided and not cfg.class_conditional:
-        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model "
-                         "(config.class_conditional=False); pass guidance_scale=None")
     if guided and classes is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs classes: without them both halves of the "
                          "guidance batch are the null class")
-    generator = _as_generator(generator, device)
+    if _is_int(generator):
+        generator = torch.Generator(device=device).manual_seed(int(generator))
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    elif generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
+                         f"create it with torch.Generator(device={str(device)!r})")
     user_processors = list(logits_processor or [])
     for p in user_processors:
         if not callable(p):

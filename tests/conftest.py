@@ -18,6 +18,23 @@ from codegpt import GPT, GPTConfig  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def make_config(**overrides) -> GPTConfig:
+    """A small class-conditional GPTConfig: 16 codes of a 16-code codebook, 3 classes, width 32, 2 layers,
+    4 heads. With ``class_conditional=False`` and no ``num_classes``, 0 classes."""
+    kw = dict(vocab_size=17, seq_len=16, embed_dim=32, num_layers=2, num_heads=4, class_conditional=True,
+              num_classes=3)
+    kw.update(overrides)
+    if not kw["class_conditional"] and "num_classes" not in overrides:
+        kw["num_classes"] = 0
+    return GPTConfig(**kw)
+
+
+def make_model(seed: int = 0, **overrides) -> GPT:
+    """A ``make_config`` GPT in eval mode, its weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    return GPT(make_config(**overrides)).eval()
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors: a second intra-op thread makes every op wait for a free core and buys nothing.
@@ -85,19 +102,14 @@ def learnable_dataset():
 
 @pytest.fixture
 def tiny_config():
-    """``tiny_config(dataset=None, **overrides)``: a small class-conditional GPTConfig, sized for
-    ``dataset`` (a CodeDataset) when one is given, else for 16 codes of a 16-code codebook."""
-    from codegpt import GPTConfig
+    """``tiny_config(dataset=None, **overrides)``: ``make_config`` with 2 heads, sized for ``dataset`` (a
+    CodeDataset) when one is given."""
 
     def make(dataset=None, **overrides):
-        kw = dict(vocab_size=17, seq_len=16, embed_dim=32, num_layers=2, num_heads=2, class_conditional=True,
-                  num_classes=3)
-        if dataset is not None:
-            kw.update(vocab_size=dataset.vocab_size, seq_len=dataset.seq_len, num_classes=dataset.num_classes)
-        if not overrides.get("class_conditional", True):
-            kw["num_classes"] = 0
-        kw.update(overrides)
-        return GPTConfig(**kw)
+        conditional = overrides.get("class_conditional", True)
+        sized = {} if dataset is None else dict(vocab_size=dataset.vocab_size, seq_len=dataset.seq_len,
+                                                 num_classes=dataset.num_classes if conditional else 0)
+        return make_config(**{"num_heads": 2, **sized, **overrides})
 
     return make
 
@@ -128,20 +140,9 @@ def trained_run(tmp_path_factory) -> Path:
     return root / "run"
 
 def _tiny_model(seed: int = 0, conditional: bool = True, sharpen: float = 1.0, **overrides) -> GPT:
-    """A 3x4-code model in eval mode; ``sharpen`` scales the head so that the next-token distribution is
+    """A 3x4-code ``make_model``; ``sharpen`` scales the head so that the next-token distribution is
     peaked enough for top-k and top-p to matter (a fresh model's is almost uniform)."""
-    kw = dict(
-        vocab_size=17,
-        seq_len=12,
-        embed_dim=32,
-        num_layers=2,
-        num_heads=4,
-        class_conditional=conditional,
-        num_classes=3 if conditional else 0,
-    )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**kw)).eval()
+    model = make_model(seed, **{"seq_len": 12, "class_conditional": conditional, **overrides})
     with torch.no_grad():
         model.lm_head.weight.mul_(sharpen)
     return model

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_config, make_model
 from huggingface_hub import HfApi, ModelCard
 from transformers import GenerationConfig
 
@@ -48,18 +49,6 @@ MODEL_FILES = [
 CODEBOOK_FILES = ["codebook/config.json", "codebook/model.safetensors"]
 
 
-def tiny_config(**overrides) -> GPTConfig:
-    kw = dict(vocab_size=17, seq_len=16, embed_dim=32, num_layers=2, num_heads=4, class_conditional=True)
-    kw["num_classes"] = 3 if overrides.get("class_conditional", True) else 0
-    kw.update(overrides)
-    return GPTConfig(**kw)
-
-
-def tiny_model(**overrides) -> GPT:
-    torch.manual_seed(0)
-    return GPT(tiny_config(**overrides)).eval()
-
-
 def tiny_codebook(num_codes: int = 16) -> Codebook:
     g = torch.Generator().manual_seed(0)
     return Codebook.fit(torch.randn(400, 4, generator=g), num_codes, seed=0, progress=False)
@@ -87,7 +76,7 @@ def front_matter(text: str) -> dict:
 def checkpoint(tmp_path_factory) -> Path:
     """A save_pretrained folder with what a training checkpoint keeps next to it."""
     root = tmp_path_factory.mktemp("ckpt")
-    tiny_model().save_pretrained(root)
+    make_model().save_pretrained(root)
     # Accelerate state and other files that must never be uploaded.
     torch.save({"state": {}}, root / "optimizer.bin")
     (root / "scheduler.bin").write_bytes(b"x")
@@ -120,7 +109,7 @@ def make_card(**overrides) -> ModelCard:
         num_parameters=12345,
     )
     kwargs.update(overrides)
-    config = kwargs.pop("config", None) or tiny_config()
+    config = kwargs.pop("config", None) or make_config()
     return render_model_card(config, **kwargs)
 
 
@@ -173,7 +162,7 @@ def test_card_pins_a_given_revision():
 
 def test_unconditional_card_without_metrics_or_codebook():
     card = make_card(
-        config=tiny_config(class_conditional=False),
+        config=make_config(class_conditional=False),
         info=CardInfo(decoder="Decode with the VQGAN of org/vqgan at revision abc."),
         metrics=None,
         training_args=None,
@@ -419,7 +408,7 @@ def run_dir(tmp_path_factory) -> Path:
     from codegpt.training import TrainingArguments, train
 
     g = torch.Generator().manual_seed(0)
-    config = tiny_config()
+    config = make_config()
 
     def items(n):
         out = []

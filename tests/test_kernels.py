@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model
 from torch import nn
 
-from codegpt import GPT, GPTConfig
+from codegpt import GPT
 from codegpt.fast import remove_cpu_kernels, use_cpu_kernels
 from codegpt.fast.kernels import GELU, Dropout, Linear
 
@@ -102,15 +103,8 @@ def test_dropout_keeps_each_element_with_probability_one_minus_p():
     assert torch.equal(drop.eval()(x), x)
 
 
-def small_model() -> GPT:
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=17, seq_len=16, embed_dim=32, num_layers=2, num_heads=4,
-                       class_conditional=True, num_classes=3)
-    return GPT(config)
-
-
 def test_swap_changes_classes_only():
-    model = small_model()
+    model = make_model().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = {n: p for n, p in model.named_parameters()}
     assert use_cpu_kernels(model) is model
@@ -140,7 +134,7 @@ def test_swapped_model_gives_the_same_outputs_and_gradients(train):
     classes = torch.tensor([0, 2, 1])
 
     def run(swap: bool):
-        model = small_model().train(train)
+        model = make_model().train(train)
         if swap:
             use_cpu_kernels(model)
         torch.manual_seed(7)
@@ -159,7 +153,7 @@ def test_swapped_model_gives_the_same_outputs_and_gradients(train):
 
 
 def test_saved_swapped_model_loads_as_plain_gpt(tmp_path):
-    model = use_cpu_kernels(small_model().eval())
+    model = use_cpu_kernels(make_model())
     ids = torch.randint(0, 16, (2, 17), generator=torch.Generator().manual_seed(2))
     expected = model(ids, classes=torch.tensor([0, 1])).logits
     model.save_pretrained(tmp_path)

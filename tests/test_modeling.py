@@ -9,28 +9,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_config, make_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from codegpt import GPT, GPTConfig
-
-
-def tiny_config(**overrides) -> GPTConfig:
-    kw = dict(
-        vocab_size=17,
-        seq_len=16,
-        embed_dim=32,
-        num_layers=2,
-        num_heads=4,
-        class_conditional=True,
-        num_classes=3,
-    )
-    kw.update(overrides)
-    return GPTConfig(**kw)
-
-
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(tiny_config(**overrides)).eval()
 
 
 def random_batch(config: GPTConfig, batch: int = 3, length: int | None = None, seed: int = 1):
@@ -70,7 +52,7 @@ def test_seed_usage_verbatim():
 
 
 def test_config_standard_names_and_positions():
-    cfg = tiny_config()
+    cfg = make_config()
     assert cfg.hidden_size == 32 and cfg.num_hidden_layers == 2 and cfg.num_attention_heads == 4
     assert cfg.max_position_embeddings == cfg.seq_len + 1
     assert cfg.intermediate_size == 4 * 32
@@ -81,7 +63,7 @@ def test_config_standard_names_and_positions():
 
 
 def test_config_json_round_trip(tmp_path):
-    cfg = tiny_config(mlp_dim=48, attn_dropout=0.05, class_dropout_prob=0.2, tie_word_embeddings=True,
+    cfg = make_config(mlp_dim=48, attn_dropout=0.05, class_dropout_prob=0.2, tie_word_embeddings=True,
                       vocab_size=20, codebook_size=16, start_token_id=18)
     cfg.save_pretrained(tmp_path)
     loaded = GPTConfig.from_pretrained(tmp_path)
@@ -120,11 +102,11 @@ def test_config_json_round_trip(tmp_path):
 )
 def test_config_rejects_invalid_values(overrides, field):
     with pytest.raises(ValueError, match=field):
-        tiny_config(**overrides)
+        make_config(**overrides)
 
 
 def test_invalid_config_json_is_rejected_on_load(tmp_path):
-    tiny_config().save_pretrained(tmp_path)
+    make_config().save_pretrained(tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
     data["num_heads"] = 5
     (tmp_path / "config.json").write_text(json.dumps(data))
@@ -139,7 +121,7 @@ def test_invalid_config_json_is_rejected_on_load(tmp_path):
 
 @pytest.mark.parametrize("conditional", [True, False])
 def test_eager_matches_sdpa(conditional):
-    model = tiny_model(class_conditional=conditional, num_classes=3 if conditional else 0)
+    model = make_model(class_conditional=conditional, num_classes=3 if conditional else 0)
     ids, classes = random_batch(model.config)
     model.config._attn_implementation = "sdpa"
     sdpa_logits = model(ids, classes=classes).logits
@@ -155,7 +137,7 @@ def test_eager_matches_sdpa(conditional):
 
 
 def test_attn_implementation_selectable_at_load(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
+    make_model().save_pretrained(tmp_path)
     for impl in ("eager", "sdpa"):
         m = GPT.from_pretrained(tmp_path, attn_implementation=impl)
         assert m.config._attn_implementation == impl
@@ -165,7 +147,7 @@ def test_attn_implementation_selectable_at_load(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # 5.24+: the old name
 def test_cached_incremental_matches_full_forward():
-    model = tiny_model()
+    model = make_model()
     ids, classes = random_batch(model.config)
     full = model(ids, classes=classes).logits
     # one token at a time
@@ -185,7 +167,7 @@ def test_cached_incremental_matches_full_forward():
 
 
 def test_padding_mask_matches_unpadded_row():
-    model = tiny_model()
+    model = make_model()
     ids, classes = random_batch(model.config, batch=2, length=8)
     pad = 3
     padded = torch.cat([torch.zeros(2, pad, dtype=torch.long), ids], 1)
@@ -199,7 +181,7 @@ def test_padding_mask_matches_unpadded_row():
 
 
 def test_hidden_states_and_attentions():
-    model = tiny_model()
+    model = make_model()
     ids, classes = random_batch(model.config, length=6)
     out = model(ids, classes=classes, output_hidden_states=True, output_attentions=True)
     assert len(out.hidden_states) == model.config.num_layers + 1
@@ -212,7 +194,7 @@ def test_hidden_states_and_attentions():
 
 
 def test_class_changes_output_and_none_is_null_class():
-    model = tiny_model()
+    model = make_model()
     ids, _ = random_batch(model.config, batch=2)
     a = model(ids, classes=torch.tensor([0, 0])).logits
     b = model(ids, classes=torch.tensor([1, 1])).logits
@@ -222,7 +204,7 @@ def test_class_changes_output_and_none_is_null_class():
 
 
 def test_loss_is_mean_cross_entropy_over_counted_targets():
-    model = tiny_model()
+    model = make_model()
     ids, classes = random_batch(model.config)
     labels = ids.clone()
     labels[0, 5:9] = -100
@@ -242,10 +224,10 @@ def test_loss_is_mean_cross_entropy_over_counted_targets():
 
 
 def test_gradient_checkpointing_gives_same_gradients():
-    ids, classes = random_batch(tiny_config())
+    ids, classes = random_batch(make_config())
 
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = tiny_model().train()  # dropout on: checkpointing must replay the same RNG
+        model = make_model().train()  # dropout on: checkpointing must replay the same RNG
         if checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
@@ -266,7 +248,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_save_load_round_trip_through_auto_classes(tmp_path, tie):
-    model = tiny_model(tie_word_embeddings=tie)
+    model = make_model(tie_word_embeddings=tie)
     ids, classes = random_batch(model.config)
     expected = model(ids, classes=classes).logits
     model.save_pretrained(tmp_path)
@@ -304,7 +286,7 @@ def test_init_is_gpt2_style():
 
 @pytest.mark.parametrize("conditional", [True, False])
 def test_model_generate_greedy_cache_equals_no_cache(conditional):
-    model = tiny_model(class_conditional=conditional, num_classes=3 if conditional else 0)
+    model = make_model(class_conditional=conditional, num_classes=3 if conditional else 0)
     kwargs = dict(classes=torch.tensor([0, 2])) if conditional else dict(
         input_ids=torch.full((2, 1), model.config.start_token_id)
     )
@@ -317,7 +299,7 @@ def test_model_generate_greedy_cache_equals_no_cache(conditional):
 
 
 def test_model_generate_never_samples_special_tokens():
-    model = tiny_model(vocab_size=19, codebook_size=16)  # ids 16 (start), 17, 18 are special
+    model = make_model(vocab_size=19, codebook_size=16)  # ids 16 (start), 17, 18 are special
     with torch.no_grad():
         # Make every special id overwhelmingly likely: without suppression, sampling would pick one.
         model.ln_f.weight.zero_()
@@ -332,7 +314,7 @@ def test_model_generate_never_samples_special_tokens():
 def test_trainer_with_gradient_accumulation_logs_mean_loss(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    model = tiny_model().train()
+    model = make_model().train()
     ids, classes = random_batch(model.config, batch=8, seed=5)
     rows = [{"input_ids": ids[i], "labels": ids[i], "classes": classes[i]} for i in range(8)]
     args = TrainingArguments(
@@ -355,7 +337,7 @@ def test_trainer_with_gradient_accumulation_logs_mean_loss(tmp_path):
 
 @pytest.fixture(scope="module")
 def cond_model():
-    return tiny_model()
+    return make_model()
 
 
 @pytest.mark.parametrize(
@@ -384,7 +366,7 @@ def test_bad_input_raises_clear_error(cond_model, make, error, match):
 
 
 def test_classes_on_unconditional_model_is_rejected():
-    model = tiny_model(class_conditional=False, num_classes=0)
+    model = make_model(class_conditional=False, num_classes=0)
     ids, _ = random_batch(model.config)
     with pytest.raises(ValueError, match="unconditional"):
         model(ids, classes=torch.tensor([0, 0, 0]))
@@ -413,7 +395,7 @@ def make_cache(kind: str, config: GPTConfig):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("kind", ["static", "dynamic"])
 def test_cache_prefill_then_token_by_token_matches_uncached(kind, impl):
-    model = tiny_model()
+    model = make_model()
     model.config._attn_implementation = impl
     ids, classes = random_batch(model.config)
     full = model(ids, classes=classes, use_cache=False).logits
@@ -429,7 +411,7 @@ def test_cache_prefill_then_token_by_token_matches_uncached(kind, impl):
 
 @pytest.mark.parametrize("kind", ["static", "dynamic"])
 def test_cache_with_left_padding_matches_unpadded_rows(kind):
-    model = tiny_model()
+    model = make_model()
     ids, classes = random_batch(model.config, batch=2, length=10)
     pad = 3
     padded = torch.cat([torch.zeros(2, pad, dtype=torch.long), ids], 1)
@@ -450,7 +432,7 @@ def test_cache_with_left_padding_matches_unpadded_rows(kind):
 
 
 def test_generate_with_static_cache_equals_default_cache():
-    model = tiny_model()
+    model = make_model()
     classes = torch.tensor([0, 2, 1])
     default = model.generate(classes=classes, do_sample=False)
     static = model.generate(classes=classes, do_sample=False, cache_implementation="static")
@@ -477,13 +459,13 @@ def greedy_by_hand(model: GPT, prompt: torch.Tensor, classes: torch.Tensor, new:
 
 
 def test_config_declares_no_pad_or_eos_token():
-    cfg = tiny_config()
+    cfg = make_config()
     assert cfg.pad_token_id is None and cfg.eos_token_id is None
     assert GPT(cfg).generation_config.eos_token_id is None
 
 
 def test_generate_greedy_equals_argmax_loop():
-    model = tiny_model()
+    model = make_model()
     classes = torch.tensor([0, 2, 1])
     start = torch.full((3, 1), model.config.start_token_id)
     out = model.generate(classes=classes, do_sample=False)
@@ -493,7 +475,7 @@ def test_generate_greedy_equals_argmax_loop():
 
 @pytest.mark.parametrize("num_beams", [1, 3])  # sampling, beam sampling
 def test_generate_sampling_is_seeded_and_expands_classes(num_beams):
-    model = tiny_model()
+    model = make_model()
     classes = torch.tensor([0, 2])
     start = torch.full((6, 1), model.config.start_token_id)
 
@@ -509,7 +491,7 @@ def test_generate_sampling_is_seeded_and_expands_classes(num_beams):
 
 
 def test_generate_beam_search_scores_are_the_model_log_probs():
-    model = tiny_model()
+    model = make_model()
     classes = torch.tensor([0, 2])
     out = model.generate(classes=classes, do_sample=False, num_beams=3, num_return_sequences=2, max_new_tokens=5,
                          length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
@@ -522,15 +504,15 @@ def test_generate_beam_search_scores_are_the_model_log_probs():
 
 
 def test_generate_assisted_decoding_equals_greedy():
-    model = tiny_model()
-    assistant = tiny_model(seed=3)  # another prior of the same kind: a draft, not the answer
+    model = make_model()
+    assistant = make_model(seed=3)  # another prior of the same kind: a draft, not the answer
     classes = torch.tensor([1])
     out = model.generate(classes=classes, do_sample=False, assistant_model=assistant)
     assert torch.equal(out, model.generate(classes=classes, do_sample=False))
 
 
 def test_generate_return_dict_with_scores_logits_attentions_hidden_states():
-    model = tiny_model()
+    model = make_model()
     model.set_attn_implementation("eager")
     classes = torch.tensor([0, 2])
     out = model.generate(classes=classes, do_sample=False, max_new_tokens=4, return_dict_in_generate=True,
@@ -546,7 +528,7 @@ def test_generate_return_dict_with_scores_logits_attentions_hidden_states():
 
 
 def test_generate_left_padded_batch_equals_each_row_alone():
-    model = tiny_model()
+    model = make_model()
     prompts = [torch.tensor([16, 4, 9, 2]), torch.tensor([16, 7])]
     classes = torch.tensor([2, 0])
     batch = torch.tensor([[16, 4, 9, 2], [0, 0, 16, 7]])
@@ -563,7 +545,7 @@ def test_generate_left_padded_batch_equals_each_row_alone():
 
 
 def test_return_dict_false_returns_the_transformers_tuple():
-    model = tiny_model()
+    model = make_model()
     ids, classes = random_batch(model.config)
     out = model(ids, labels=ids, classes=classes)
     loss, logits, cache = model(ids, labels=ids, classes=classes, return_dict=False)
@@ -578,7 +560,7 @@ def test_return_dict_false_returns_the_transformers_tuple():
 
 
 def test_output_flags_fall_back_to_the_config():
-    model = tiny_model()
+    model = make_model()
     model.set_attn_implementation("eager")
     ids, classes = random_batch(model.config, length=5)
     out = model(ids, classes=classes)
@@ -653,10 +635,10 @@ def test_past_key_values_and_cache_position_keywords(cond_model):
 def test_gradient_checkpointing_options_through_transformers(option):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    ids, classes = random_batch(tiny_config())
+    ids, classes = random_batch(make_config())
 
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = tiny_model().train()
+        model = make_model().train()
         if checkpointing:
             assert all(isinstance(block, GradientCheckpointingLayer) for block in model.h)
             if option in ("reentrant", "non-reentrant"):
@@ -682,7 +664,7 @@ def test_gradient_checkpointing_options_through_transformers(option):
 def test_forward_reads_no_values_off_cpu():
     """On an accelerator, reading a value is a host sync: forward must check shapes only. The meta
     device has no values at all, so any read fails there."""
-    model = tiny_model().to("meta")
+    model = make_model().to("meta")
     ids, classes = random_batch(model.config)
     out = model(ids.to("meta"), labels=ids.to("meta"), classes=classes.to("meta"), attention_mask=torch.ones(
         3, 17, dtype=torch.long, device="meta"))
@@ -705,7 +687,7 @@ def test_torch_export_with_static_and_dynamic_batch(cond_model):
 
 
 def test_compile_fullgraph_forward_and_static_cache_decode_step():
-    model = tiny_model()
+    model = make_model()
     assert model._can_compile_fullgraph
     ids, classes = random_batch(model.config)
     full = model(ids, classes=classes).logits
@@ -719,17 +701,17 @@ def test_compile_fullgraph_forward_and_static_cache_decode_step():
 
 
 def test_max_position_embeddings_is_settable():
-    cfg = tiny_config()
+    cfg = make_config()
     cfg.max_position_embeddings = 9
     assert cfg.seq_len == 8 and cfg.max_position_embeddings == 9
-    assert tiny_config(seq_len=None, max_position_embeddings=33).seq_len == 32
+    assert make_config(seq_len=None, max_position_embeddings=33).seq_len == 32
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        tiny_config(max_position_embeddings=40)  # seq_len=16 says 17
+        make_config(max_position_embeddings=40)  # seq_len=16 says 17
     with pytest.raises(ValueError, match="max_position_embeddings"):
         cfg.max_position_embeddings = 1
 
 
 def test_base_model_is_the_model(tmp_path):
-    model = tiny_model()
+    model = make_model()
     assert model.base_model is model
     assert model.base_model_prefix == "" or isinstance(getattr(model, model.base_model_prefix, None), torch.nn.Module)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_modeling import tiny_model as _tiny_model
+from conftest import make_model
 from transformers import AutoModel, AutoModelForCausalLM
 
 from codegpt import GPT
@@ -33,18 +33,8 @@ CLASSES = [0, 2, 1]
 GUIDANCE = 2.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: on a shared 2-core machine, intra-op threads spin-wait and make each op ~100x
-    # slower than on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(tie: bool = False) -> GPT:
-    return _tiny_model(tie_word_embeddings=tie)
+    return make_model(tie_word_embeddings=tie)
 
 
 def tiny_codebook() -> Codebook:

@@ -5,11 +5,5 @@ from .decoder import FastDecoder, KVDecoder, ModelDecoder, plain_kind, unknown_p
 from .kernels import remove_cpu_kernels, use_cpu_kernels
 
 __all__ = [
-    "FastDecoder",
-    "KVDecoder",
-    "ModelDecoder",
-    "plain_kind",
-    "remove_cpu_kernels",
-    "unknown_part",
-    "use_cpu_kernels",
+    "FastDecoder", "KVDecoder", "ModelDecoder", "plain_kind", "remove_cpu_kernels", "unknown_part", "use_cpu_kernels",
 ]

@@ -1,10 +1,6 @@
-"""The KV-cache decoder behind ``codegpt.generate``: ``prefill`` a prompt, then one ``step`` per token.
-
-``KVDecoder(model, batch_size, classes, length)`` picks one of two paths, once: ``FastDecoder``, the
-model's own modules over a cache preallocated for the whole image, when it knows every part of the model
-(``unknown_part(model)`` is None); else ``ModelDecoder``, the model's forward over a ``DynamicCache``, so
-that hooks, adapters (LoRA), quantised layers or weights spread over devices work, more slowly. Both run
-in eval mode (sampling is inference) and return the last position's logits ``(B, vocab_size)``.
+"""The KV-cache decoder behind ``codegpt.generate``: ``prefill`` a prompt, then one ``step`` per token,
+on the model's own modules (``FastDecoder``) or, for models with parts it does not know (hooks, adapters,
+quantised layers, several devices), through the model's forward (``ModelDecoder``); see ``KVDecoder``.
 
 Why a fast path of our own rather than ``model(..., cache=DynamicCache())``: the image length is known
 up front, so the cache can be allocated once and written in place (a ``DynamicCache`` concatenates,
@@ -44,21 +40,6 @@ def plain_kind(module: nn.Module) -> type | None:
     return base if base in _KNOWN and issubclass(cls, base) else None
 
 
-def _expected_kinds(cfg) -> dict[str, type]:
-    """Every module the model is built with, by name (as ``named_modules`` gives it), with its kind."""
-    kinds = {"": modeling.GPT, "wte": nn.Embedding, "wpe": nn.Embedding, "drop": nn.Dropout, "h": nn.ModuleList,
-             "ln_f": nn.LayerNorm, "lm_head": nn.Linear}
-    if cfg.class_conditional:
-        kinds["cls_emb"] = modeling.ClassEmbedding
-    block = {"": modeling.TransformerBlock, ".ln_1": nn.LayerNorm, ".attn": modeling.CausalSelfAttention,
-             ".attn.qkv": nn.Linear, ".attn.proj": nn.Linear, ".attn.resid_dropout": nn.Dropout,
-             ".ln_2": nn.LayerNorm, ".mlp": modeling.MLP, ".mlp.fc": nn.Linear, ".mlp.act": nn.GELU,
-             ".mlp.proj": nn.Linear, ".mlp.dropout": nn.Dropout}
-    for i in range(cfg.num_layers):
-        kinds.update((f"h.{i}{name}", kind) for name, kind in block.items())
-    return kinds
-
-
 def unknown_part(model: nn.Module) -> str | None:
     """Why the fast path cannot drive ``model``, in words (the first thing it does not know), or
     ``None`` when it knows every part: the model is codegpt's ``GPT`` with exactly the modules it is
@@ -68,7 +49,17 @@ def unknown_part(model: nn.Module) -> str | None:
         return f"the model is a {type(model).__qualname__}, not codegpt's GPT"
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return "global forward hooks are registered (torch.nn.modules.module.register_module_forward_hook)"
-    expected = _expected_kinds(model.config)
+    # Every module the model is built with, by name (as named_modules gives it), with its kind.
+    expected = {"": modeling.GPT, "wte": nn.Embedding, "wpe": nn.Embedding, "drop": nn.Dropout, "h": nn.ModuleList,
+                "ln_f": nn.LayerNorm, "lm_head": nn.Linear}
+    if model.config.class_conditional:
+        expected["cls_emb"] = modeling.ClassEmbedding
+    block = {"": modeling.TransformerBlock, ".ln_1": nn.LayerNorm, ".attn": modeling.CausalSelfAttention,
+             ".attn.qkv": nn.Linear, ".attn.proj": nn.Linear, ".attn.resid_dropout": nn.Dropout,
+             ".ln_2": nn.LayerNorm, ".mlp": modeling.MLP, ".mlp.fc": nn.Linear, ".mlp.act": nn.GELU,
+             ".mlp.proj": nn.Linear, ".mlp.dropout": nn.Dropout}
+    for i in range(model.config.num_layers):
+        expected.update((f"h.{i}{name}", kind) for name, kind in block.items())
     for name, module in model.named_modules():
         where, kind = name or "the model", expected.pop(name, None)
         if kind is None or plain_kind(module) is not kind:
@@ -116,12 +107,22 @@ class KVDecoder:
 
     fast: bool
 
-    def __new__(
-        cls, model: nn.Module, batch_size: int, classes: torch.Tensor | None = None, length: int | None = None
-    ) -> KVDecoder:
-        if cls is KVDecoder:  # the path is chosen here, once; Python then runs the chosen __init__
+    def __new__(cls, model: nn.Module, *args, **kwargs) -> KVDecoder:
+        if cls is KVDecoder:  # the path is chosen here, once; __init__ then calls its _build
             cls = FastDecoder if unknown_part(model) is None else ModelDecoder
         return super().__new__(cls)
+
+    def __init__(
+        self, model: nn.Module, batch_size: int, classes: torch.Tensor | None = None, length: int | None = None
+    ) -> None:
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "model_type", None) != "codegpt":
+            raise TypeError(f"the decoder needs a codegpt GPT, got {type(model).__name__}")
+        self.B, self.P = batch_size, min(length or cfg.seq_len + 1, cfg.seq_len + 1)
+        self.device = input_device(model)
+        if cfg.class_conditional and classes is None:  # the null class
+            classes = torch.full((batch_size,), cfg.num_classes, dtype=torch.long)
+        self._build(model, cfg, None if classes is None else classes.to(self.device))
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt ``(B, T)`` from position 0; returns the last position's logits ``(B, V)``."""
@@ -130,17 +131,6 @@ class KVDecoder:
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Feed one token per row ``(B,)`` at position ``pos``; returns its logits ``(B, V)``."""
         return self._forward(tokens[:, None], pos)
-
-    def _setup(self, model: nn.Module, batch_size: int, classes: torch.Tensor | None, length: int | None):
-        """What both paths share: the config, shapes, the device, and the classes (the null class by default)."""
-        cfg = getattr(model, "config", None)
-        if getattr(cfg, "model_type", None) != "codegpt":
-            raise TypeError(f"the decoder needs a codegpt GPT, got {type(model).__name__}")
-        self.B, self.P = batch_size, min(length or cfg.seq_len + 1, cfg.seq_len + 1)
-        self.device = input_device(model)
-        if cfg.class_conditional and classes is None:
-            classes = torch.full((batch_size,), cfg.num_classes, dtype=torch.long)
-        return cfg, None if classes is None else classes.to(self.device)
 
     def _check_end(self, end: int) -> None:
         if end > self.P:
@@ -154,11 +144,8 @@ class ModelDecoder(KVDecoder):
 
     fast = False
 
-    def __init__(
-        self, model: nn.Module, batch_size: int, classes: torch.Tensor | None = None, length: int | None = None
-    ) -> None:
-        _, self.classes = self._setup(model, batch_size, classes, length)
-        self.model = model
+    def _build(self, model: nn.Module, cfg: modeling.GPTConfig, classes: torch.Tensor | None) -> None:
+        self.model, self.classes = model, classes
         self.fallback_reason = unknown_part(model)
         # The head on the last position only, where the model's forward takes transformers' argument.
         forward_params = inspect.signature(model.forward).parameters
@@ -232,13 +219,10 @@ class FastDecoder(KVDecoder):
 
     fast = True
 
-    def __init__(
-        self, model: nn.Module, batch_size: int, classes: torch.Tensor | None = None, length: int | None = None
-    ) -> None:
+    def _build(self, model: nn.Module, cfg: modeling.GPTConfig, classes: torch.Tensor | None) -> None:
         if (reason := unknown_part(model)) is not None:
             raise NotImplementedError(f"the fast decoder cannot drive this model: {reason}; KVDecoder(...) "
                                       "falls back to the model's own forward")
-        cfg, classes = self._setup(model, batch_size, classes, length)
         # Split each weight's rows into one block per CPU thread: a batched matmul runs the blocks
         # on all cores, where a single matmul with a handful of rows (a matrix-vector product at
         # batch 1) keeps to one. Accelerators parallelise inside one matmul already.

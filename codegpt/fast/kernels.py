@@ -5,10 +5,9 @@ it computes what ``plain_base`` computes (exactly, or to rounding for the GELU),
 parameters and has the same state dict. ``use_cpu_kernels(model)`` changes the ``__class__`` of every
 exact ``nn.Linear``, ``nn.Dropout`` and tanh ``nn.GELU`` to its kernel class; nothing is copied and
 nothing changes in a saved checkpoint, so the model that goes to the Hub stays plain torch.
-``remove_cpu_kernels(model)`` undoes it. The kernels pay off on a CPU and step aside elsewhere (they
-fall back to the functional op), so a swapped model still runs on any device. codegpt's training
-loop swaps them in when it trains on a CPU; bench/bench_train.py measures them.
-"""
+``remove_cpu_kernels(model)`` undoes it. The kernels pay off on a CPU and fall back to the functional
+op elsewhere, so a swapped model runs on any device. Training on a CPU swaps them in; bench/bench_train.py
+measures them."""
 
 from __future__ import annotations
 
@@ -28,8 +27,7 @@ class _LinearReducedPrecisionCPU(torch.autograd.Function):
     Intel parts) run reduced-precision GEMMs on a fallback kernel that is fast only when both
     operands are contiguous along the reduced dimension. ``F.linear``'s forward (x @ W^T) and its
     weight gradient (g^T @ x) already are; autograd's input gradient (g @ W, W row-major) is not,
-    and costs ten times the others (2048x256x768 in bf16 on 2 AMD EPYC cores: 590 ms against
-    50 ms). Transposing W once (a few hundred KB) turns it into another x @ W^T.
+    and costs ten times the others (README). Transposing W once (a few hundred KB) makes it an x @ W^T.
     """
 
     @staticmethod
@@ -102,8 +100,7 @@ class _TanhGELUCPU(torch.autograd.Function):
     (0.5 (1 + tanh u) = sigmoid(2u)), but the CPU's vectorised tanh costs 3.5x its sigmoid, which
     made ``F.gelu(approximate="tanh")`` and its backward the largest non-matmul kernels of an fp32
     training step. The forward also computes the derivative while x is still in cache and saves
-    only that (one activation-sized tensor, where ``F.gelu`` saves x), so the backward is one
-    multiply. A training step at the seed shape on 2 cores: 2-3% faster than with ``F.gelu``."""
+    only that (one activation-sized tensor, where ``F.gelu`` saves x), so the backward is one multiply."""
 
     K = 2.0 * math.sqrt(2.0 / math.pi)  # z = 2u = K (x + C x^3)
     C = 0.044715
@@ -148,28 +145,17 @@ class GELU(nn.GELU):
 
 
 KERNELS = (Linear, Dropout, GELU)
-
-
-def _kernel_for(module: nn.Module) -> type[nn.Module] | None:
-    """The kernel class that stands in for ``module``, if it is an exact plain module we speed up."""
-    for kernel in KERNELS:
-        if type(module) is kernel.plain_base:
-            if kernel is GELU and module.approximate != "tanh":
-                return None  # exact GELU: torch's own kernel is the fast one
-            return kernel
-    return None
+_KERNEL_FOR = {kernel.plain_base: kernel for kernel in KERNELS}
 
 
 def use_cpu_kernels(model: nn.Module) -> nn.Module:
-    """Swap the CPU kernels into ``model`` in place (``module.__class__``) and return it.
-
-    Only exact ``nn.Linear`` / ``nn.Dropout`` / ``nn.GELU(approximate="tanh")`` instances change:
-    subclasses (quantised or adapter layers) and modules with a patched ``forward`` are left alone.
-    Parameters, buffers, hooks and the state dict are untouched.
-    """
+    """Swap the CPU kernels into ``model`` in place (``module.__class__``, see above) and return it.
+    Subclasses (quantised or adapter layers) and modules with a patched ``forward`` are left alone;
+    parameters, buffers, hooks and the state dict are untouched."""
     for module in model.modules():
-        kernel = _kernel_for(module)
-        if kernel is not None and "forward" not in module.__dict__:
+        kernel = _KERNEL_FOR.get(type(module))
+        # An exact GELU stays: torch's own kernel is the fast one.
+        if kernel is not None and getattr(module, "approximate", "tanh") == "tanh" and "forward" not in vars(module):
             module.__class__ = kernel
     return model
 
