@@ -7,7 +7,8 @@ A code dataset is a folder::
     codes-00001.safetensors       ...
 
 `dataset.json` holds the format and version, `codebook_size`, `grid` [H, W], `num_classes`, `class_names`
-(or null), `num_items`, `description` and the shards with their item counts, and what made the codes
+(or null), `num_items`, `description` and the shards with their item counts, sizes and SHA-256 digests
+(`_util.file_record`; datasets written before codegpt recorded them have counts only), and what made the codes
 when the writer was told (`metadata`): `autoencoder` (its spec, see `codegpt.autoencoders`), `codebook`
 (the codebook's folder, relative to the dataset's), `split` (how this set relates to its held-out part),
 `source` (the images). Codes and labels are stored in
@@ -15,8 +16,13 @@ the smallest integer type that holds their range (uint8, int16, then int32: 16x1
 codebook take 512 bytes per image); readers accept any 8-64-bit integer type, so other tools' shards load.
 
 Opening a dataset validates every shard's header, tensors and values in one streaming pass, chunk by chunk,
-so memory stays bounded however large the set; items are then read lazily through memory maps opened on
-first use in each process (DataLoader workers map their own).
+so memory stays bounded however large the set, and checks each shard's size against its record;
+`verify=True` (and `codegpt verify DIR`) also checks the SHA-256 digests, which catches a flipped bit that
+leaves every value in range. Items are then read lazily through memory maps opened on first use in each
+process (DataLoader workers map their own).
+
+A writer builds the whole dataset in a hidden folder beside `path` and swaps it in only when complete, so
+a failure or a kill partway leaves the old dataset (if any) as it was.
 
 Items follow the model's token convention: for a codebook of size K, `input_ids` = [K, c_1, ..., c_N]
 (K is the start token, codes row-major, N = H*W), `labels` = `input_ids` with `labels[0] = -100` (the model
@@ -29,7 +35,10 @@ import json
 import operator
 import os
 import re
+import secrets
+import shutil
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,7 +49,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, Subset
 
-from ._util import as_tensor, check_format, check_int, save_safetensors, write_json
+from ._util import (
+    as_tensor,
+    check_file_records,
+    check_format,
+    check_int,
+    file_record,
+    replace_dir,
+    save_safetensors,
+    write_json,
+)
 from .codebook import Codebook
 
 __all__ = [
@@ -83,8 +101,10 @@ class CodeDatasetWriter:
             for codes, labels in batches:          # codes (n, H, W), labels (n,)
                 writer.add(codes, labels)
 
-    Every file is written atomically and `dataset.json` comes last, so a crash leaves a folder that
-    readers reject as incomplete. If the block raises, the shards written so far are removed.
+    Everything is written into a hidden folder beside `path` (`.NAME.tmp-*`), `dataset.json` last with
+    each shard's size and SHA-256, and the finished folder replaces `path` in one swap at `close`: a
+    crash or an error partway leaves `path` as it was (an old dataset intact). If the block raises,
+    the shards written so far are removed.
 
     Args:
         path: the dataset folder (created if needed).
@@ -97,8 +117,8 @@ class CodeDatasetWriter:
         description: free text stored in the metadata (which codebook made the codes, ...).
         metadata: JSON-able records stored beside the format's own keys in `dataset.json` (e.g.
             `autoencoder`, `codebook`, `split`, `source`); exposed as `CodeDataset.metadata`.
-        overwrite: replace an existing dataset in `path` (its `dataset.json` is removed at once,
-            its extra shards at `close`).
+        overwrite: replace an existing dataset in `path` (at `close`, by the swap; until then it is
+            untouched). A folder holding anything but a code dataset's files is never replaced.
     """
 
     def __init__(
@@ -133,14 +153,19 @@ class CodeDatasetWriter:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"{self.path} exists and is not a folder")
-        metadata = self.path / METADATA_NAME
-        if metadata.exists() and not overwrite:
+        if (self.path / METADATA_NAME).exists() and not overwrite:
             raise FileExistsError(
                 f"{self.path} already holds a code dataset; pass overwrite=True to replace it"
             )
+        # The swap at close replaces the whole folder: never one that holds anything else.
+        foreign = sorted(p.name for p in self.path.iterdir()
+                         if p.name != METADATA_NAME and not _SHARD_RE.fullmatch(p.name)) if self.path.is_dir() else []
+        if foreign:
+            raise FileExistsError(f"{self.path} holds files that are not a code dataset's ({', '.join(foreign[:3])}"
+                                  f"{', ...' if len(foreign) > 3 else ''}); write the dataset to a new or empty folder")
         self.path.mkdir(parents=True, exist_ok=True)
-        # The old metadata goes first: from here on the folder reads as incomplete.
-        metadata.unlink(missing_ok=True)
+        self._work = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        self._work.mkdir()
         self.codebook_size = codebook_size
         self.num_classes = num_classes
         self.grid = grid
@@ -210,14 +235,14 @@ class CodeDatasetWriter:
         if labels is not None:
             tensors["labels"] = labels[:count].contiguous()
         name = SHARD_NAME.format(len(self.shards))
-        save_safetensors(self.path / name, tensors, metadata={"format": FORMAT})
-        self.shards.append({"file": name, "num_items": count})
+        save_safetensors(self._work / name, tensors, metadata={"format": FORMAT})
+        self.shards.append({"file": name, "num_items": count, **file_record(self._work / name)})
         rest = codes[count:], None if labels is None else labels[count:]
         self._buffer = [rest] if rest[0].shape[0] else []
         self._buffered -= count
 
     def close(self) -> Path:
-        """Write the last shard, remove stale shards, then write `dataset.json`."""
+        """Write the last shard and `dataset.json`, then swap the finished folder into `path`."""
         if self._aborted:
             raise RuntimeError("this CodeDatasetWriter was aborted; nothing was written")
         if self._closed:
@@ -225,27 +250,30 @@ class CodeDatasetWriter:
         if self.num_items == 0:
             self.abort()
             raise ValueError("no items were added; a code dataset holds at least one item")
-        if self._buffered:
-            self._flush(self._buffered)
-        keep = {shard["file"] for shard in self.shards}
-        for stale in self.path.iterdir():
-            if _SHARD_RE.fullmatch(stale.name) and stale.name not in keep:
-                stale.unlink()
+        try:
+            if self._buffered:
+                self._flush(self._buffered)
+            self._write_metadata()
+            replace_dir(self._work, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.path
+
+    def _write_metadata(self) -> None:
         codes_dtype, labels_dtype = (None if dtype is None else str(dtype).removeprefix("torch.")
                                      for dtype in (self.codes_dtype, self.labels_dtype))
-        write_json(self.path / METADATA_NAME, {
+        write_json(self._work / METADATA_NAME, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "codebook_size": self.codebook_size,
             "grid": list(self.grid), "num_classes": self.num_classes, "class_names": self.class_names,  # type: ignore
             "num_items": self.num_items, "description": self.description, "codes_dtype": codes_dtype,
             "labels_dtype": labels_dtype, "shards": self.shards, **self.metadata,
         })
-        self._closed = True
-        return self.path
 
     def abort(self) -> None:
-        """Stop without writing metadata and remove the shards written so far."""
-        for shard in self.shards:
-            (self.path / shard["file"]).unlink(missing_ok=True)
+        """Stop, remove what was written so far, and leave `path` as it was."""
+        shutil.rmtree(self._work, ignore_errors=True)
         self.shards, self._buffer, self._buffered = [], [], 0
         self._closed = self._aborted = True
 
@@ -290,14 +318,18 @@ class CodeDataset(Dataset):
     """A code dataset folder as a `torch.utils.data.Dataset` (see the module docstring).
 
     Opening validates everything and raises `FileNotFoundError` (missing folder, metadata or
-    shard) or `ValueError` (anything malformed, naming the file, row and value). Attributes:
+    shard) or `ValueError` (anything malformed, naming the file, row and value): the metadata, every
+    shard's header, shape, dtype and values, and each shard's size against `dataset.json`'s record;
+    ``verify=True`` also compares every shard's SHA-256 with its record (reads every byte twice).
+    A dataset written before codegpt recorded sizes loads with a warning that it cannot be checked
+    (`has_records` is False). Attributes:
     `codebook_size`, `grid`, `seq_len` (H*W), `num_classes`, `class_names`, `start_token_id`
     (= codebook_size), `vocab_size` (= codebook_size + 1), `labels` (all class ids, int64, or
     None), `description`, `metadata` (what the writer recorded beside the format: `autoencoder`,
     `codebook`, `split`, `source`; {} when none) and `autoencoder` (the recorded spec or None).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], verify: bool = False) -> None:
         self.path = Path(path)
         meta = _read_metadata(self.path)
         self.codebook_size: int = meta["codebook_size"]
@@ -324,6 +356,14 @@ class CodeDataset(Dataset):
             if shard_labels is not None:
                 labels.append(shard_labels)
             self._len += shard["num_items"]
+        self.has_records = "bytes" in meta["shards"][0]
+        if self.has_records:
+            records = {shard["file"]: shard for shard in meta["shards"]}
+            check_file_records(self.path, records, str(self.path / METADATA_NAME), hashes=verify)
+        else:
+            warnings.warn(f"{self.path / METADATA_NAME} records no shard sizes or SHA-256 (written before codegpt "
+                          "recorded them): damage that leaves values in range cannot be detected; rewrite the "
+                          "dataset to record them", UserWarning, stacklevel=2)
         self.labels: torch.Tensor | None = torch.from_numpy(np.concatenate(labels)) if labels else None
         self._maps: list[np.memmap | None] = [None] * len(self._files)
 
@@ -492,9 +532,9 @@ def fit_code_dataset(
     return FittedCodes(codebook, dataset, Subset(dataset, train_idx), val, metrics)
 
 
-def load_code_dataset(path: str | os.PathLike[str]) -> CodeDataset:
-    """Open (and validate) the code dataset in `path`."""
-    return CodeDataset(path)
+def load_code_dataset(path: str | os.PathLike[str], verify: bool = False) -> CodeDataset:
+    """Open (and validate) the code dataset in `path`; `verify` also checks every shard's SHA-256."""
+    return CodeDataset(path, verify=verify)
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
@@ -520,12 +560,20 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         shards = meta.get("shards")
         if not isinstance(shards, list) or not shards:
             raise ValueError(f"shards must be a non-empty list, got {shards!r}")
+        seen: set[str] = set()
         for shard in shards:
             name = shard.get("file") if isinstance(shard, dict) else None
             # Plain file names only: metadata must not point outside the dataset folder.
             if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
                 raise ValueError(f"each shard needs a plain file name, got {shard!r}")
+            if name in seen:
+                raise ValueError(f"shard {str(path / name)!r} is listed twice")
+            seen.add(name)
             check_int(f"num_items of {name}", shard.get("num_items"), low=1)
+            # Records are all or none: a dataset half with and half without them was edited by hand.
+            if ("bytes" in shard) != ("bytes" in shards[0]):
+                raise ValueError(f"shard {name} {'has' if 'bytes' in shard else 'lacks'} a size record "
+                                 f"and shard {shards[0]['file']} does not")
         total = sum(shard["num_items"] for shard in shards)
         if meta.get("num_items", total) != total:
             raise ValueError(f"num_items is {meta.get('num_items')} but the shards hold {total}")
