@@ -693,6 +693,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     _check_out("--out", args.out, folder=False)
     _check_out("--codes-out", args.codes_out, folder=False)
     _check_out("--save-individual", args.save_individual, folder=True)
+    if args.codebook is not None:
+        _codebook_folder(args.codebook)
     args.model = _model_path(args.model)
     model = _load_model(args.model, args.device)
     config = model.config
@@ -805,6 +807,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     _check_seed("--split-seed", args.split_seed)
     _check_counts(samples_per_class=args.samples_per_class, fid_steps=args.fid_steps if args.fid else None)
     _check_out("--out", args.out, folder=False)
+    if args.codebook is not None:
+        _codebook_folder(args.codebook)
     args.model = _model_path(args.model)
     model = _load_model(args.model, args.device)
     record = _run_data(args.model)
