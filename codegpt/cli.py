@@ -312,15 +312,8 @@ def _split(dataset: CodeDataset, val_fraction: float, seed: int) -> tuple[Any, A
 
 def _load_model(path: str, device: str) -> Any:
     _check_device(device)
-    # One line on stderr for an error: no loading progress bar before it.
-    bar = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        with _user_errors():
-            return load_model(path, device=device, what="model")
-    finally:
-        if bar:
-            transformers_logging.enable_progress_bar()
+    with _user_errors():
+        return load_model(path, device=device, what="model")
 
 
 @dataclass
@@ -907,6 +900,8 @@ def _same_codebook(a: Path | None, b: Path) -> None:
 def _run_push(args: argparse.Namespace) -> int:
     sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "guidance_scale")}
     # Default: the codebook and data training saw.
+    if args.codebook is not None:
+        _codebook_folder(args.codebook)
     record = _run_data(args.model_dir, "model_dir")
     codebook_dir, data_dir = args.codebook or record.get("codebook"), args.data or record.get("data")
     with _user_errors():
@@ -1201,14 +1196,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``codegpt`` console script and ``python -m codegpt``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # transformers' bars for loading and writing weights say nothing to a user (and an error must stay one line).
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
         return int(args.func(args) or 0)
     except CLIError as err:
         if _is_main_process():
-            print(f"codegpt {args.command}: error: {err}", file=sys.stderr, flush=True)
+            line = " ".join(str(err).split())  # one line, whatever the library's message held
+            print(f"codegpt {args.command}: error: {line}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":
