@@ -164,6 +164,7 @@ class CodeDatasetWriter:
             raise FileExistsError(f"{self.path} holds files that are not a code dataset's ({', '.join(foreign[:3])}"
                                   f"{', ...' if len(foreign) > 3 else ''}); write the dataset to a new or empty folder")
         self.path.mkdir(parents=True, exist_ok=True)
+        _remove_dead_work(self.path)
         self._work = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         self._work.mkdir()
         self.codebook_size = codebook_size
@@ -276,6 +277,21 @@ class CodeDatasetWriter:
         shutil.rmtree(self._work, ignore_errors=True)
         self.shards, self._buffer, self._buffered = [], [], 0
         self._closed = self._aborted = True
+
+
+def _remove_dead_work(path: Path) -> None:
+    """Remove the work folders that killed writers left beside ``path`` (``.NAME.tmp-PID-*`` of a process
+    that no longer runs); a live writer's stays."""
+    for work in path.parent.glob(f".{path.name}.tmp-*"):
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\.tmp-(\d+)-[0-9a-f]+", work.name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(work, ignore_errors=True)
+        except (OSError, OverflowError, ValueError):
+            pass  # alive under another user, or no way to tell here: leave it
 
 
 def write_code_dataset(

@@ -2,6 +2,7 @@
 alignment of dataset items with the model's labels convention."""
 
 import json
+import os
 import pickle
 
 import numpy as np
@@ -435,3 +436,18 @@ def test_the_writer_never_replaces_a_folder_holding_other_files(tmp_path, random
     with pytest.raises(FileExistsError, match=r"notes\.txt"):
         write_code_dataset(tmp_path / "mine", codes, labels, codebook_size=128, num_classes=4, overwrite=True)
     assert _snapshot(tmp_path / "mine") == {"notes.txt": b"precious"}
+
+
+def test_a_killed_writers_work_folder_is_removed_by_the_next_writer(tmp_path, random_codes):
+    import subprocess
+    import sys
+
+    codes, labels = random_codes(codebook_size=128)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".ds.tmp-{int(dead.stdout)}-0badc0de"  # what a kill -9 mid-write leaves
+    stale.mkdir()
+    (stale / "codes-00000.safetensors").write_bytes(b"half")
+    live = tmp_path / f".ds.tmp-{os.getppid()}-0badc0de"  # a writer still running
+    live.mkdir()
+    write_code_dataset(tmp_path / "ds", codes, labels, codebook_size=128, num_classes=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ds", live.name])
