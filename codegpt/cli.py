@@ -900,8 +900,6 @@ def _same_codebook(a: Path | None, b: Path) -> None:
 def _run_push(args: argparse.Namespace) -> int:
     sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "guidance_scale")}
     # Default: the codebook and data training saw.
-    if args.codebook is not None:
-        _codebook_folder(args.codebook)
     record = _run_data(args.model_dir, "model_dir")
     codebook_dir, data_dir = args.codebook or record.get("codebook"), args.data or record.get("data")
     with _user_errors():
