@@ -77,6 +77,8 @@ IGNORE_INDEX = -100  # transformers' "no loss here" label
 _FORMAT_KEYS = frozenset({"format", "format_version", "codebook_size", "grid", "num_classes", "class_names",
                           "num_items", "description", "codes_dtype", "labels_dtype", "shards"})
 _SHARD_RE = re.compile(r"codes-\d{5,}\.safetensors")
+# What a write killed midway leaves in a dataset folder (``_util.atomic_write``'s temporary files).
+_WRITE_LEFTOVER_RE = re.compile(r"\..+\.tmp")
 # safetensors dtype names -> little-endian numpy dtypes; codes and labels are integers only.
 _INT_DTYPES = {"U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4",
                "I64": "<i8"}
@@ -158,8 +160,9 @@ class CodeDatasetWriter:
                 f"{self.path} already holds a code dataset; pass overwrite=True to replace it"
             )
         # The swap at close replaces the whole folder: never one that holds anything else.
-        foreign = sorted(p.name for p in self.path.iterdir()
-                         if p.name != METADATA_NAME and not _SHARD_RE.fullmatch(p.name)) if self.path.is_dir() else []
+        foreign = sorted(p.name for p in self.path.iterdir() if p.name != METADATA_NAME
+                         and not _SHARD_RE.fullmatch(p.name) and not _WRITE_LEFTOVER_RE.fullmatch(p.name)
+                         ) if self.path.is_dir() else []
         if foreign:
             raise FileExistsError(f"{self.path} holds files that are not a code dataset's ({', '.join(foreign[:3])}"
                                   f"{', ...' if len(foreign) > 3 else ''}); write the dataset to a new or empty folder")

@@ -451,3 +451,13 @@ def test_a_killed_writers_work_folder_is_removed_by_the_next_writer(tmp_path, ra
     live.mkdir()
     write_code_dataset(tmp_path / "ds", codes, labels, codebook_size=128, num_classes=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ds", live.name])
+
+
+def test_the_leftovers_of_an_older_killed_write_do_not_block_a_new_one(tmp_path, random_codes):
+    codes, labels = random_codes(codebook_size=128)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "codes-00000.safetensors").write_bytes(b"half")
+    (tmp_path / "ds" / ".dataset.json.1234-abcd.tmp").write_bytes(b"{")
+    write_code_dataset(tmp_path / "ds", codes, labels, codebook_size=128, num_classes=4)
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["codes-00000.safetensors", "dataset.json"]
+    assert len(CodeDataset(tmp_path / "ds", verify=True)) == 40
