@@ -72,6 +72,9 @@ METADATA_NAME = "dataset.json"
 SHARD_NAME = "codes-{:05d}.safetensors"
 DEFAULT_SHARD_SIZE = 65_536
 IGNORE_INDEX = -100  # transformers' "no loss here" label
+# A dataset.json declaring more codes or classes than this is damaged, not large: a prior's embedding of
+# 2**24 rows already holds billions of weights (the largest published codebooks have 2**18 codes).
+MAX_VOCABULARY = 1 << 24
 
 # The keys dataset.json holds for the format itself; anything else is the writer's `metadata`.
 _FORMAT_KEYS = frozenset({"format", "format_version", "codebook_size", "grid", "num_classes", "class_names",
@@ -136,7 +139,7 @@ class CodeDatasetWriter:
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        check_int("codebook_size", codebook_size, low=1)
+        _check_vocabulary("codebook_size", codebook_size, low=1)
         extra = dict(metadata or {})
         clash = sorted(set(extra) & _FORMAT_KEYS)
         if clash:
@@ -145,7 +148,7 @@ class CodeDatasetWriter:
             json.dumps(extra)
         except (TypeError, ValueError) as err:
             raise TypeError(f"metadata must be JSON-able: {err}") from None
-        check_int("num_classes", num_classes, low=0)
+        _check_vocabulary("num_classes", num_classes, low=0)
         check_int("shard_size", shard_size, low=1)
         self.class_names = _check_class_names(class_names, num_classes)
         if grid is not None:
@@ -572,8 +575,8 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise ValueError(f"{file} must hold a JSON object, got {type(meta).__name__}")
     check_format(file, meta, FORMAT, FORMAT_VERSION)
     try:
-        check_int("codebook_size", meta.get("codebook_size"), low=1)
-        check_int("num_classes", meta.get("num_classes"), low=0)
+        _check_vocabulary("codebook_size", meta.get("codebook_size"), low=1)
+        _check_vocabulary("num_classes", meta.get("num_classes"), low=0)
         meta["grid"] = _check_grid(meta.get("grid"))
         _check_class_names(meta.get("class_names"), meta["num_classes"])
         shards = meta.get("shards")
@@ -675,6 +678,13 @@ def _check_range(values: Any, size: int, what: str, where: str, first_item: int,
     position = "" if grid is None else f" at {divmod(column, grid[1])}"
     place = where.format(row=row, item=first_item + row)
     raise ValueError(f"{place}: {what} {value}{position} outside [0, {size})")
+
+
+def _check_vocabulary(name: str, value: Any, low: int) -> int:
+    check_int(name, value, low=low)
+    if value > MAX_VOCABULARY:
+        raise ValueError(f"{name} {value} is absurd: more than {MAX_VOCABULARY} (2**24)")
+    return value
 
 
 def _check_grid(grid: Any) -> tuple[int, int]:

@@ -139,6 +139,8 @@ DATASET_CASES = [
     Case("num-items-negative", _edit_json("data/dataset.json", _set(num_items=-5)), "num_items"),
     Case("shard-num-items-huge",
          _edit_json("data/dataset.json", _shards(lambda s: s[1].update(num_items=10**15))), "num_items"),
+    Case("codebook-size-huge", _edit_json("data/dataset.json", _set(codebook_size=10**15)), "codebook_size"),
+    Case("num-classes-huge", _edit_json("data/dataset.json", _set(num_classes=10**12)), "num_classes"),
     Case("grid-huge", _edit_json("data/dataset.json", _set(grid=[10**9, 10**9])), "codes-00000"),
     Case("shard-listed-twice", _edit_json("data/dataset.json", _shards(lambda s: s.append(dict(s[0])))),
          "codes-00000"),
