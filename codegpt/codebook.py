@@ -2,7 +2,9 @@
 the index of its nearest centroid, and an index back to that centroid; the prior only sees indices.
 `Codebook.fit` runs mini-batch k-means, so data larger than memory can stream through;
 `Codebook.from_centroids` wraps the codebook of a trained VQ-VAE/VQGAN. Saved folders hold
-`model.safetensors` (the centroids) and `config.json`; loading reads safetensors only, never a pickle::
+`model.safetensors` (the centroids) and `config.json` (written last; it records the weights' size and
+SHA-256 under "files"); loading reads safetensors only, never a pickle, checks the size, and with
+`verify=True` the SHA-256 too::
 
     codebook = Codebook.fit(latents, num_codes=512, seed=0)   # latents: (..., D)
     codes = codebook.encode(latents)                          # (...)
@@ -32,9 +34,11 @@ from tqdm.auto import tqdm
 from ._util import (
     as_tensor,
     check_choice,
+    check_file_records,
     check_float,
     check_format,
     check_int,
+    file_record,
     read_json,
     replace_dir,
     save_safetensors,
@@ -303,8 +307,9 @@ class Codebook(
     ) -> str | None:
         """Save `model.safetensors`, `config.json` and (if absent) a README model card.
 
-        Each file is written atomically (a temporary file renamed into place), config last, so a
-        kill mid-save leaves the old files or the new ones, never a half-written file. `config`
+        Each file is written atomically (a temporary file renamed into place), config last with the
+        weights' size and SHA-256 ("files"), so a kill mid-save leaves the old files or the new ones,
+        never a half-written file, and a later load notices a weights file that changed. `config`
         entries are added to the metadata (they cannot override it). `push_to_hub=True` then uploads
         the folder (see `push_to_hub`).
         """
@@ -322,6 +327,7 @@ class Codebook(
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-codebook-") as tmp:
             self._save_pretrained(Path(tmp))
             replace_dir(Path(tmp) / WEIGHTS_NAME, save_directory / WEIGHTS_NAME)
+        full_config["files"] = {WEIGHTS_NAME: file_record(save_directory / WEIGHTS_NAME)}
         readme = save_directory / "README.md"
         if not readme.exists():  # a card written by hand is kept
             write_text(readme, str(self.generate_model_card(**(model_card_kwargs or {}))))
@@ -347,11 +353,14 @@ class Codebook(
         local_files_only: bool = False,
         token: str | bool | None = None,
         map_location: str | torch.device = "cpu",
+        verify: bool = False,
     ) -> Codebook:
         """Load a saved codebook from a folder or a Hub repo id: safetensors only, never a pickle.
 
         `subfolder` is the codebook's folder inside the repo or folder (`codegpt push` ships a
-        prior's codebook in "codebook"); `revision` pins a Hub branch, tag or commit.
+        prior's codebook in "codebook"); `revision` pins a Hub branch, tag or commit. The weights'
+        size is checked against the record in config.json (codebooks saved before codegpt recorded
+        it have none), and their SHA-256 too when `verify`.
         """
         source = str(pretrained_model_name_or_path)
         where = os.path.join(source, subfolder or "")
@@ -385,8 +394,19 @@ class Codebook(
             raise ValueError(f"{weights} holds {found}, not one floating-point tensor 'centroids' of shape "
                              f"(num_codes, dim) = {shape} as {CONFIG_NAME} says")
         _check_finite(f"{weights}: centroids", centroids)
+        files = config.get("files")
+        if files is not None:
+            if not isinstance(files, dict) or set(files) != {WEIGHTS_NAME}:
+                raise ValueError(f"{config_file}: files must record {WEIGHTS_NAME} alone, got {files!r}")
+            check_file_records(Path(weights).parent, files, config_file, hashes=verify)
         codebook.centroids = centroids
         return codebook.eval()
+
+    def check_codebook_size(self, codebook_size: int) -> None:
+        """Refuse to decode a prior's codes (in [0, codebook_size)) with a codebook of another size."""
+        if codebook_size != self.num_codes:
+            raise ValueError(f"the codebook has num_codes {self.num_codes} but the model's codebook_size is "
+                             f"{codebook_size}: use the codebook the model's codes were made with")
 
 
 class _BatchSource:

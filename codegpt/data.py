@@ -7,7 +7,8 @@ A code dataset is a folder::
     codes-00001.safetensors       ...
 
 `dataset.json` holds the format and version, `codebook_size`, `grid` [H, W], `num_classes`, `class_names`
-(or null), `num_items`, `description` and the shards with their item counts, and what made the codes
+(or null), `num_items`, `description` and the shards with their item counts, sizes and SHA-256 digests
+(`_util.file_record`; datasets written before codegpt recorded them have counts only), and what made the codes
 when the writer was told (`metadata`): `autoencoder` (its spec, see `codegpt.autoencoders`), `codebook`
 (the codebook's folder, relative to the dataset's), `split` (how this set relates to its held-out part),
 `source` (the images). Codes and labels are stored in
@@ -15,8 +16,13 @@ the smallest integer type that holds their range (uint8, int16, then int32: 16x1
 codebook take 512 bytes per image); readers accept any 8-64-bit integer type, so other tools' shards load.
 
 Opening a dataset validates every shard's header, tensors and values in one streaming pass, chunk by chunk,
-so memory stays bounded however large the set; items are then read lazily through memory maps opened on
-first use in each process (DataLoader workers map their own).
+so memory stays bounded however large the set, and checks each shard's size against its record;
+`verify=True` (and `codegpt verify DIR`) also checks the SHA-256 digests, which catches a flipped bit that
+leaves every value in range. Items are then read lazily through memory maps opened on first use in each
+process (DataLoader workers map their own).
+
+A writer builds the whole dataset in a hidden folder beside `path` and swaps it in only when complete, so
+a failure or a kill partway leaves the old dataset (if any) as it was.
 
 Items follow the model's token convention: for a codebook of size K, `input_ids` = [K, c_1, ..., c_N]
 (K is the start token, codes row-major, N = H*W), `labels` = `input_ids` with `labels[0] = -100` (the model
@@ -29,7 +35,10 @@ import json
 import operator
 import os
 import re
+import secrets
+import shutil
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,7 +49,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, Subset
 
-from ._util import as_tensor, check_format, check_int, save_safetensors, write_json
+from ._util import (
+    as_tensor,
+    check_file_records,
+    check_format,
+    check_int,
+    file_record,
+    replace_dir,
+    save_safetensors,
+    write_json,
+)
 from .codebook import Codebook
 
 __all__ = [
@@ -54,11 +72,16 @@ METADATA_NAME = "dataset.json"
 SHARD_NAME = "codes-{:05d}.safetensors"
 DEFAULT_SHARD_SIZE = 65_536
 IGNORE_INDEX = -100  # transformers' "no loss here" label
+# A dataset.json declaring more codes or classes than this is damaged, not large: a prior's embedding of
+# 2**24 rows already holds billions of weights (the largest published codebooks have 2**18 codes).
+MAX_VOCABULARY = 1 << 24
 
 # The keys dataset.json holds for the format itself; anything else is the writer's `metadata`.
 _FORMAT_KEYS = frozenset({"format", "format_version", "codebook_size", "grid", "num_classes", "class_names",
                           "num_items", "description", "codes_dtype", "labels_dtype", "shards"})
 _SHARD_RE = re.compile(r"codes-\d{5,}\.safetensors")
+# What a write killed midway leaves in a dataset folder (``_util.atomic_write``'s temporary files).
+_WRITE_LEFTOVER_RE = re.compile(r"\..+\.tmp")
 # safetensors dtype names -> little-endian numpy dtypes; codes and labels are integers only.
 _INT_DTYPES = {"U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4",
                "I64": "<i8"}
@@ -83,8 +106,10 @@ class CodeDatasetWriter:
             for codes, labels in batches:          # codes (n, H, W), labels (n,)
                 writer.add(codes, labels)
 
-    Every file is written atomically and `dataset.json` comes last, so a crash leaves a folder that
-    readers reject as incomplete. If the block raises, the shards written so far are removed.
+    Everything is written into a hidden folder beside `path` (`.NAME.tmp-*`), `dataset.json` last with
+    each shard's size and SHA-256, and the finished folder replaces `path` in one swap at `close`: a
+    crash or an error partway leaves `path` as it was (an old dataset intact). If the block raises,
+    the shards written so far are removed.
 
     Args:
         path: the dataset folder (created if needed).
@@ -97,8 +122,8 @@ class CodeDatasetWriter:
         description: free text stored in the metadata (which codebook made the codes, ...).
         metadata: JSON-able records stored beside the format's own keys in `dataset.json` (e.g.
             `autoencoder`, `codebook`, `split`, `source`); exposed as `CodeDataset.metadata`.
-        overwrite: replace an existing dataset in `path` (its `dataset.json` is removed at once,
-            its extra shards at `close`).
+        overwrite: replace an existing dataset in `path` (at `close`, by the swap; until then it is
+            untouched). A folder holding anything but a code dataset's files is never replaced.
     """
 
     def __init__(
@@ -114,7 +139,7 @@ class CodeDatasetWriter:
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        check_int("codebook_size", codebook_size, low=1)
+        _check_vocabulary("codebook_size", codebook_size, low=1)
         extra = dict(metadata or {})
         clash = sorted(set(extra) & _FORMAT_KEYS)
         if clash:
@@ -123,7 +148,7 @@ class CodeDatasetWriter:
             json.dumps(extra)
         except (TypeError, ValueError) as err:
             raise TypeError(f"metadata must be JSON-able: {err}") from None
-        check_int("num_classes", num_classes, low=0)
+        _check_vocabulary("num_classes", num_classes, low=0)
         check_int("shard_size", shard_size, low=1)
         self.class_names = _check_class_names(class_names, num_classes)
         if grid is not None:
@@ -133,14 +158,21 @@ class CodeDatasetWriter:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"{self.path} exists and is not a folder")
-        metadata = self.path / METADATA_NAME
-        if metadata.exists() and not overwrite:
+        if (self.path / METADATA_NAME).exists() and not overwrite:
             raise FileExistsError(
                 f"{self.path} already holds a code dataset; pass overwrite=True to replace it"
             )
+        # The swap at close replaces the whole folder: never one that holds anything else.
+        foreign = sorted(p.name for p in self.path.iterdir() if p.name != METADATA_NAME
+                         and not _SHARD_RE.fullmatch(p.name) and not _WRITE_LEFTOVER_RE.fullmatch(p.name)
+                         ) if self.path.is_dir() else []
+        if foreign:
+            raise FileExistsError(f"{self.path} holds files that are not a code dataset's ({', '.join(foreign[:3])}"
+                                  f"{', ...' if len(foreign) > 3 else ''}); write the dataset to a new or empty folder")
         self.path.mkdir(parents=True, exist_ok=True)
-        # The old metadata goes first: from here on the folder reads as incomplete.
-        metadata.unlink(missing_ok=True)
+        _remove_dead_work(self.path)
+        self._work = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        self._work.mkdir()
         self.codebook_size = codebook_size
         self.num_classes = num_classes
         self.grid = grid
@@ -210,14 +242,14 @@ class CodeDatasetWriter:
         if labels is not None:
             tensors["labels"] = labels[:count].contiguous()
         name = SHARD_NAME.format(len(self.shards))
-        save_safetensors(self.path / name, tensors, metadata={"format": FORMAT})
-        self.shards.append({"file": name, "num_items": count})
+        save_safetensors(self._work / name, tensors, metadata={"format": FORMAT})
+        self.shards.append({"file": name, "num_items": count, **file_record(self._work / name)})
         rest = codes[count:], None if labels is None else labels[count:]
         self._buffer = [rest] if rest[0].shape[0] else []
         self._buffered -= count
 
     def close(self) -> Path:
-        """Write the last shard, remove stale shards, then write `dataset.json`."""
+        """Write the last shard and `dataset.json`, then swap the finished folder into `path`."""
         if self._aborted:
             raise RuntimeError("this CodeDatasetWriter was aborted; nothing was written")
         if self._closed:
@@ -225,29 +257,47 @@ class CodeDatasetWriter:
         if self.num_items == 0:
             self.abort()
             raise ValueError("no items were added; a code dataset holds at least one item")
-        if self._buffered:
-            self._flush(self._buffered)
-        keep = {shard["file"] for shard in self.shards}
-        for stale in self.path.iterdir():
-            if _SHARD_RE.fullmatch(stale.name) and stale.name not in keep:
-                stale.unlink()
+        try:
+            if self._buffered:
+                self._flush(self._buffered)
+            self._write_metadata()
+            replace_dir(self._work, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.path
+
+    def _write_metadata(self) -> None:
         codes_dtype, labels_dtype = (None if dtype is None else str(dtype).removeprefix("torch.")
                                      for dtype in (self.codes_dtype, self.labels_dtype))
-        write_json(self.path / METADATA_NAME, {
+        write_json(self._work / METADATA_NAME, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "codebook_size": self.codebook_size,
             "grid": list(self.grid), "num_classes": self.num_classes, "class_names": self.class_names,  # type: ignore
             "num_items": self.num_items, "description": self.description, "codes_dtype": codes_dtype,
             "labels_dtype": labels_dtype, "shards": self.shards, **self.metadata,
         })
-        self._closed = True
-        return self.path
 
     def abort(self) -> None:
-        """Stop without writing metadata and remove the shards written so far."""
-        for shard in self.shards:
-            (self.path / shard["file"]).unlink(missing_ok=True)
+        """Stop, remove what was written so far, and leave `path` as it was."""
+        shutil.rmtree(self._work, ignore_errors=True)
         self.shards, self._buffer, self._buffered = [], [], 0
         self._closed = self._aborted = True
+
+
+def _remove_dead_work(path: Path) -> None:
+    """Remove the work folders that killed writers left beside ``path`` (``.NAME.tmp-PID-*`` of a process
+    that no longer runs); a live writer's stays."""
+    for work in path.parent.glob(f".{path.name}.tmp-*"):
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\.tmp-(\d+)-[0-9a-f]+", work.name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(work, ignore_errors=True)
+        except (OSError, OverflowError, ValueError):
+            pass  # alive under another user, or no way to tell here: leave it
 
 
 def write_code_dataset(
@@ -290,14 +340,18 @@ class CodeDataset(Dataset):
     """A code dataset folder as a `torch.utils.data.Dataset` (see the module docstring).
 
     Opening validates everything and raises `FileNotFoundError` (missing folder, metadata or
-    shard) or `ValueError` (anything malformed, naming the file, row and value). Attributes:
+    shard) or `ValueError` (anything malformed, naming the file, row and value): the metadata, every
+    shard's header, shape, dtype and values, and each shard's size against `dataset.json`'s record;
+    ``verify=True`` also compares every shard's SHA-256 with its record (reads every byte twice).
+    A dataset written before codegpt recorded sizes loads with a warning that it cannot be checked
+    (`has_records` is False). Attributes:
     `codebook_size`, `grid`, `seq_len` (H*W), `num_classes`, `class_names`, `start_token_id`
     (= codebook_size), `vocab_size` (= codebook_size + 1), `labels` (all class ids, int64, or
     None), `description`, `metadata` (what the writer recorded beside the format: `autoencoder`,
     `codebook`, `split`, `source`; {} when none) and `autoencoder` (the recorded spec or None).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], verify: bool = False) -> None:
         self.path = Path(path)
         meta = _read_metadata(self.path)
         self.codebook_size: int = meta["codebook_size"]
@@ -324,6 +378,14 @@ class CodeDataset(Dataset):
             if shard_labels is not None:
                 labels.append(shard_labels)
             self._len += shard["num_items"]
+        self.has_records = "bytes" in meta["shards"][0]
+        if self.has_records:
+            records = {shard["file"]: shard for shard in meta["shards"]}
+            check_file_records(self.path, records, str(self.path / METADATA_NAME), hashes=verify)
+        else:
+            warnings.warn(f"{self.path / METADATA_NAME} records no shard sizes or SHA-256 (written before codegpt "
+                          "recorded them): damage that leaves values in range cannot be detected; rewrite the "
+                          "dataset to record them", UserWarning, stacklevel=2)
         self.labels: torch.Tensor | None = torch.from_numpy(np.concatenate(labels)) if labels else None
         self._maps: list[np.memmap | None] = [None] * len(self._files)
 
@@ -492,9 +554,9 @@ def fit_code_dataset(
     return FittedCodes(codebook, dataset, Subset(dataset, train_idx), val, metrics)
 
 
-def load_code_dataset(path: str | os.PathLike[str]) -> CodeDataset:
-    """Open (and validate) the code dataset in `path`."""
-    return CodeDataset(path)
+def load_code_dataset(path: str | os.PathLike[str], verify: bool = False) -> CodeDataset:
+    """Open (and validate) the code dataset in `path`; `verify` also checks every shard's SHA-256."""
+    return CodeDataset(path, verify=verify)
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
@@ -513,19 +575,27 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise ValueError(f"{file} must hold a JSON object, got {type(meta).__name__}")
     check_format(file, meta, FORMAT, FORMAT_VERSION)
     try:
-        check_int("codebook_size", meta.get("codebook_size"), low=1)
-        check_int("num_classes", meta.get("num_classes"), low=0)
+        _check_vocabulary("codebook_size", meta.get("codebook_size"), low=1)
+        _check_vocabulary("num_classes", meta.get("num_classes"), low=0)
         meta["grid"] = _check_grid(meta.get("grid"))
         _check_class_names(meta.get("class_names"), meta["num_classes"])
         shards = meta.get("shards")
         if not isinstance(shards, list) or not shards:
             raise ValueError(f"shards must be a non-empty list, got {shards!r}")
+        seen: set[str] = set()
         for shard in shards:
             name = shard.get("file") if isinstance(shard, dict) else None
             # Plain file names only: metadata must not point outside the dataset folder.
             if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
                 raise ValueError(f"each shard needs a plain file name, got {shard!r}")
+            if name in seen:
+                raise ValueError(f"shard {str(path / name)!r} is listed twice")
+            seen.add(name)
             check_int(f"num_items of {name}", shard.get("num_items"), low=1)
+            # Records are all or none: a dataset half with and half without them was edited by hand.
+            if ("bytes" in shard) != ("bytes" in shards[0]):
+                raise ValueError(f"shard {name} {'has' if 'bytes' in shard else 'lacks'} a size record "
+                                 f"and shard {shards[0]['file']} does not")
         total = sum(shard["num_items"] for shard in shards)
         if meta.get("num_items", total) != total:
             raise ValueError(f"num_items is {meta.get('num_items')} but the shards hold {total}")
@@ -608,6 +678,13 @@ def _check_range(values: Any, size: int, what: str, where: str, first_item: int,
     position = "" if grid is None else f" at {divmod(column, grid[1])}"
     place = where.format(row=row, item=first_item + row)
     raise ValueError(f"{place}: {what} {value}{position} outside [0, {size})")
+
+
+def _check_vocabulary(name: str, value: Any, low: int) -> int:
+    check_int(name, value, low=low)
+    if value > MAX_VOCABULARY:
+        raise ValueError(f"{name} {value} is absurd: more than {MAX_VOCABULARY} (2**24)")
+    return value
 
 
 def _check_grid(grid: Any) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from ._util import atomic_write, check_int, check_path, read_json, resolve_device, write_text
 from .configuration_codegpt import GPTConfig
@@ -155,7 +156,14 @@ def load_model(
     if model_type != GPTConfig.model_type:
         raise ValueError(f"{what}: {str(model_dir)!r} holds a {model_type!r} model, not a {GPTConfig.model_type!r} one")
     target = resolve_device(device)  # before the load: a bad device fails fast
-    return GPT.from_pretrained(model_dir, dtype="auto" if dtype is None else dtype).to(target).eval()
+    try:
+        model = GPT.from_pretrained(model_dir, dtype="auto" if dtype is None else dtype)
+    except SafetensorError as err:  # a truncated or foreign weights file
+        weights = str(model_dir / "model.safetensors")
+        raise ValueError(f"{what}: {weights!r} is not a readable safetensors file ({err})") from None
+    except OSError as err:  # transformers found no weights file
+        raise FileNotFoundError(f"{what}: {err}") from None
+    return model.to(target).eval()
 
 
 def read_metrics(run_dir: str | os.PathLike, what: str = "run_dir") -> dict[str, Any] | None:

@@ -329,3 +329,131 @@ def test_eval_on_a_separate_test_set_encoded_with_the_training_codebook(encoded_
                  "--fid-steps", "5", "--samples-per-class", "3", "--out", str(metrics_json)]) == 0
     m = json.loads(metrics_json.read_text())["eval"]
     assert m["fid_num_real"] == 9 and np.isfinite(m["fid_guided"]) and np.isfinite(m["bits_per_code"])
+
+
+# --- integrity: verify, outputs that are never lost, one-line errors for flags ------------------------------
+
+
+def test_verify_says_what_it_checked_and_names_the_damage(encoded_run, small_dataset, tmp_path, capsys):
+    assert main(["verify", str(encoded_run / "enc")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("intact: ") == 3 and "codebook" in out and "SHA-256 as recorded" in out
+    assert str(encoded_run / "enc" / "val") in out
+
+    assert main(["verify", str(small_dataset)]) == 0
+    assert "24 items" in capsys.readouterr().out
+    shard = small_dataset / "codes-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-30] ^= 1  # a code, still in range
+    shard.write_bytes(bytes(data))
+    assert main(["verify", str(small_dataset)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "codes-00000.safetensors" in err and "SHA-256" in err
+
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "is not a code dataset" in capsys.readouterr().err
+
+
+def test_verify_of_a_dataset_without_records_says_it_cannot_tell(small_dataset, capsys):
+    meta = json.loads((small_dataset / "dataset.json").read_text())
+    for shard in meta["shards"]:
+        del shard["bytes"], shard["sha256"]
+    (small_dataset / "dataset.json").write_text(json.dumps(meta))
+    assert main(["verify", str(small_dataset)]) == 0
+    captured = capsys.readouterr()
+    assert "no sizes or SHA-256 recorded" in captured.out and captured.err == ""
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_fit_codebook_refuses_a_non_empty_out_and_replaces_it_only_when_told_and_complete(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    file = tmp_path / "latents.safetensors"
+    save_file({"latents": torch.randn(30, 2, 3, 4, generator=g), "labels": torch.arange(30) % 2}, str(file))
+    out = tmp_path / "out"
+    argv = ["fit-codebook", "--latents", str(file), "--out", str(out), "--num-codes", "8"]
+    assert main(argv) == 0
+    before = _snapshot(out)
+
+    assert main([*argv, "--num-codes", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err and "not empty" in err
+    assert _snapshot(out) == before
+
+    # Told to overwrite, but the new fit fails partway (more codes than vectors): the old output stays.
+    assert main([*argv, "--num-codes", "1000", "--overwrite"]) == 2
+    assert "num_codes" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents.safetensors", "out"]
+
+    assert main([*argv, "--num-codes", "4", "--overwrite-output-dir"]) == 0
+    assert json.loads((out / "data" / "dataset.json").read_text())["codebook_size"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents.safetensors", "out"]
+
+
+def test_encode_refuses_a_non_empty_out_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    status = main(["encode", "--images", str(_png_folder(tmp_path / "pngs", n=6)), "--autoencoder", "patches",
+                   "--image-size", "8", "--channels", "1", "--out", str(out), "--no-progress"])
+    assert status == 2 and "--overwrite" in capsys.readouterr().err
+    assert _snapshot(out) == {"notes.txt": b"mine"}
+
+
+@pytest.fixture
+def tiny_prior(tmp_path, small_dataset) -> Path:
+    """A prior sized for ``small_dataset`` (16 codes, 4x4, 3 classes), saved in tmp_path/model."""
+    from codegpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=17, seq_len=16, embed_dim=16, num_layers=1, num_heads=2, class_conditional=True,
+                  num_classes=3)).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+BAD_FLAGS = [
+    (["sample", "{model}", "--out", "{tmp}"], "--out"),  # a folder where a PNG goes
+    (["sample", "{model}", "--codes-out", "{tmp}", "--out", "{tmp}/s.png"], "--codes-out"),
+    (["sample", "{model}", "--seed", "-1", "--out", "{tmp}/s.png"], "--seed"),
+    (["sample", "{model}", "--seed", str(2**70), "--out", "{tmp}/s.png"], "--seed"),
+    (["sample", "{model}", "--per-class", "0", "--out", "{tmp}/s.png"], "--per-class"),
+    (["sample", "{model}", "--codebook", "{tmp}/nowhere", "--out", "{tmp}/s.png"], "no such folder"),
+    (["sample", "{model}", "--codebook", "org/not-a-folder", "--out", "{tmp}/s.png"], "no such folder"),
+    (["sample", "{model}", "--device", "cuda:7", "--out", "{tmp}/s.png"], "--device"),
+    (["sample", "{model}", "--device", "nonsense", "--out", "{tmp}/s.png"], "--device"),
+    (["eval", "{model}", "--data", "{data}", "--samples-per-class", "0"], "--samples-per-class"),
+    (["eval", "{model}", "--data", "{data}", "--split-seed", "-3"], "--split-seed"),
+    (["eval", "{model}", "--data", "{data}", "--digits", "--codebook", "{tmp}/nowhere"], "no such folder"),
+    (["eval", "{model}", "--data", "{data}", "--out", "{tmp}"], "--out"),
+    (["fit-codebook", "--digits", "--out", "{data}/dataset.json"], "--out"),  # a file where a folder goes
+    (["fit-codebook", "--digits", "--out", "{tmp}/new", "--seed", "-2"], "--seed"),
+    (["fit-codebook", "--digits", "--out", "{tmp}/new", "--num-codes", "0"], "--num-codes"),
+]
+
+
+@pytest.mark.parametrize("argv,names", BAD_FLAGS, ids=[f"{a[0]}-{n}-{i}" for i, (a, n) in enumerate(BAD_FLAGS)])
+def test_bad_flags_are_one_line_naming_the_flag_and_nothing_is_written(tiny_prior, small_dataset, tmp_path, capsys,
+                                                                         argv, names):
+    if "cuda:7" in argv and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    before = _snapshot(tmp_path)
+    argv = [a.format(model=tiny_prior, data=small_dataset, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and names in err, err
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_bug_keeps_its_traceback(tiny_prior, tmp_path, monkeypatch):
+    # Only user errors become one line: anything else is a bug to report, with its traceback.
+    import codegpt.cli as cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in codegpt")
+
+    monkeypatch.setattr(cli, "sample_classes", broken)
+    with pytest.raises(RuntimeError, match="a bug in codegpt"):
+        main(["sample", str(tiny_prior), "--out", str(tmp_path / "s.png")])

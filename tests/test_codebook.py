@@ -257,3 +257,39 @@ def test_load_from_a_subfolder_and_check_the_format(tmp_path, monkeypatch):
     config_file.write_text(json.dumps({**config, "num_codes": 0}))
     with pytest.raises(ValueError, match="config.json: num_codes must be >= 1, got 0"):
         Codebook.from_pretrained(tmp_path / "codebook")
+
+
+def test_config_records_the_weights_and_a_load_checks_them(tmp_path):
+    import hashlib
+
+    Codebook.from_centroids(torch.rand(6, 3, generator=torch.Generator().manual_seed(0))).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    config = json.loads((tmp_path / "config.json").read_text())
+    data = weights.read_bytes()
+    assert config["files"] == {"model.safetensors": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+
+    # A flipped mantissa bit: a well-formed file of finite centroids, other values. Only the digest sees it.
+    flipped = bytearray(data)
+    flipped[-1] ^= 1
+    weights.write_bytes(bytes(flipped))
+    Codebook.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.safetensors' does not match its SHA-256"):
+        Codebook.from_pretrained(tmp_path, verify=True)
+
+    # The same centroids in float64: well-formed, the shape config.json says, another size.
+    from safetensors.torch import save_file
+    save_file({"centroids": torch.rand(6, 3, dtype=torch.float64)}, str(weights))
+    with pytest.raises(ValueError, match=r"model\.safetensors' holds \d+ bytes, \d+ were written"):
+        Codebook.from_pretrained(tmp_path)
+
+    # Saved before codegpt recorded the weights: loads as before.
+    del config["files"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert Codebook.from_pretrained(tmp_path, verify=True).num_codes == 6
+
+
+def test_a_codebook_of_another_size_than_the_models_is_refused():
+    codebook = Codebook.from_centroids(torch.zeros(8, 4))
+    codebook.check_codebook_size(8)
+    with pytest.raises(ValueError, match="num_codes 8 but the model's codebook_size is 16"):
+        codebook.check_codebook_size(16)

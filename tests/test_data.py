@@ -2,6 +2,7 @@
 alignment of dataset items with the model's labels convention."""
 
 import json
+import os
 import pickle
 
 import numpy as np
@@ -351,3 +352,112 @@ def test_fit_code_dataset_records_its_split_and_codebook(tmp_path):
     # The split it records is the one it held out of the fit.
     assert CodeDataset(tmp_path / "data").split(0.25, seed=5)[1].indices == fitted.val_indices
     assert 0 < fitted.metrics["top_code_share"] <= 1
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_each_shard_records_its_size_and_sha256_and_every_load_checks_the_size(dataset_dir):
+    import hashlib
+
+    path, _, _ = dataset_dir
+    meta = json.loads((path / "dataset.json").read_text())
+    for shard in meta["shards"]:
+        data = (path / shard["file"]).read_bytes()
+        assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
+    # A well-formed shard with the same items, values and shape but another size (int16 codes instead of uint8).
+    tensors = load_file(path / "codes-00001.safetensors")
+    tamper(path, 1, codes=tensors["codes"].to(torch.int16))
+    with pytest.raises(ValueError, match=r"codes-00001\.safetensors' holds \d+ bytes, \d+ were written"):
+        CodeDataset(path)
+
+
+def test_verify_catches_a_bit_flip_that_leaves_every_value_in_range(dataset_dir):
+    path, codes, _ = dataset_dir
+    shard = path / "codes-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 1  # a code byte (labels are the last 10 bytes): 0..127 stays in [0, 128)
+    shard.write_bytes(bytes(data))
+    assert not torch.equal(CodeDataset(path).__getitem__(29)["input_ids"][1:], codes[29].flatten())
+    with pytest.raises(ValueError, match=r"codes-00002\.safetensors' does not match its SHA-256"):
+        CodeDataset(path, verify=True)
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_code_dataset(path, verify=True)
+
+
+def test_a_shard_listed_twice_is_refused(dataset_dir):
+    path, _, _ = dataset_dir
+    meta = json.loads((path / "dataset.json").read_text())
+    meta["shards"] = [meta["shards"][0], meta["shards"][1], meta["shards"][0], meta["shards"][3]]
+    (path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"codes-00000\.safetensors' is listed twice"):
+        CodeDataset(path)
+
+
+def test_a_dataset_without_records_still_loads_and_says_it_cannot_be_checked(dataset_dir):
+    path, codes, _ = dataset_dir
+    meta = json.loads((path / "dataset.json").read_text())
+    for shard in meta["shards"]:  # as codegpt wrote them before it recorded sizes
+        del shard["bytes"], shard["sha256"]
+    (path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="records no shard sizes or SHA-256"):
+        dataset = CodeDataset(path, verify=True)
+    assert not dataset.has_records and len(dataset) == 40
+    assert torch.equal(dataset[7]["input_ids"][1:], codes[7].flatten())
+    # Half with and half without records is a hand edit, not an old dataset.
+    meta["shards"][2]["bytes"] = 1
+    (path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="size record"):
+        CodeDataset(path)
+
+
+def test_an_overwrite_that_fails_partway_leaves_the_old_dataset_intact(dataset_dir, random_codes):
+    path, codes, labels = dataset_dir
+    before = _snapshot(path)
+    new_codes, new_labels = random_codes(codebook_size=128, seed=1)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with CodeDatasetWriter(path, codebook_size=128, num_classes=4, shard_size=10, overwrite=True) as writer:
+            writer.add(new_codes, new_labels)  # four new shards are written by now
+            raise RuntimeError("disk on fire")
+    assert _snapshot(path) == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ds"]  # no work folder left behind
+    assert torch.equal(CodeDataset(path, verify=True).labels, labels)
+    # Completed, it replaces the old one in one swap.
+    write_code_dataset(path, new_codes[:15], new_labels[:15], codebook_size=128, num_classes=4, overwrite=True)
+    assert torch.equal(CodeDataset(path, verify=True).labels, new_labels[:15])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ds"]
+
+
+def test_the_writer_never_replaces_a_folder_holding_other_files(tmp_path, random_codes):
+    codes, labels = random_codes(codebook_size=128)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"notes\.txt"):
+        write_code_dataset(tmp_path / "mine", codes, labels, codebook_size=128, num_classes=4, overwrite=True)
+    assert _snapshot(tmp_path / "mine") == {"notes.txt": b"precious"}
+
+
+def test_a_killed_writers_work_folder_is_removed_by_the_next_writer(tmp_path, random_codes):
+    import subprocess
+    import sys
+
+    codes, labels = random_codes(codebook_size=128)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".ds.tmp-{int(dead.stdout)}-0badc0de"  # what a kill -9 mid-write leaves
+    stale.mkdir()
+    (stale / "codes-00000.safetensors").write_bytes(b"half")
+    live = tmp_path / f".ds.tmp-{os.getppid()}-0badc0de"  # a writer still running
+    live.mkdir()
+    write_code_dataset(tmp_path / "ds", codes, labels, codebook_size=128, num_classes=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ds", live.name])
+
+
+def test_the_leftovers_of_an_older_killed_write_do_not_block_a_new_one(tmp_path, random_codes):
+    codes, labels = random_codes(codebook_size=128)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "codes-00000.safetensors").write_bytes(b"half")
+    (tmp_path / "ds" / ".dataset.json.1234-abcd.tmp").write_bytes(b"{")
+    write_code_dataset(tmp_path / "ds", codes, labels, codebook_size=128, num_classes=4)
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["codes-00000.safetensors", "dataset.json"]
+    assert len(CodeDataset(tmp_path / "ds", verify=True)) == 40
