@@ -54,8 +54,9 @@ __all__ = [
     "MODEL_DIR", "CHECKPOINTS_DIR", "TRAINING_ARGS", "STARTS", "RUN_DATA", "LOG", "STATE", "MANIFEST", "SAMPLES",
     "LOCK", "checkpoint_name", "write_manifest", "check_manifest", "read_trainer_state", "checkpoint_problem",
     "checkpoint_folders", "complete_checkpoints", "newest_checkpoint", "remove_partial_checkpoints", "acquire_lock",
-    "release_lock", "read_starts", "record_start", "verify_run", "RunFiles", "resolve_run", "load_model",
-    "read_metrics", "write_log", "append_log", "Decoder", "sample_classes", "render_codes", "save_image_grid",
+    "release_lock", "read_starts", "record_start", "read_training_args", "verify_run", "RunFiles", "resolve_run",
+    "load_model", "read_metrics", "write_log", "append_log", "Decoder", "sample_classes", "render_codes",
+    "save_image_grid",
 ]
 
 MODEL_DIR = "model"
@@ -372,12 +373,14 @@ def resolve_run(path: str | os.PathLike, what: str = "model_dir") -> RunFiles:
         run = parent
         metrics = read_metrics(run, what)
     has_data = run is not None and (run / RUN_DATA).is_file()
-    return RunFiles(model_dir, metrics, _training_args(run, what) if run is not None else None,
+    return RunFiles(model_dir, metrics, read_training_args(run, what) if run is not None else None,
                     read_json(run / RUN_DATA, what) if has_data else None)
 
 
-def _training_args(run: Path, what: str) -> dict[str, Any] | None:
-    """The arguments in force: the latest start's (a resume may change e.g. max_steps), else the first's."""
+def read_training_args(run_dir: str | os.PathLike, what: str = "run_dir") -> dict[str, Any] | None:
+    """A run's arguments in force: the latest start's (a resume may change e.g. max_steps), else those of
+    its first start (``training_args.json``), else None."""
+    run = Path(run_dir)
     starts = read_starts(run)
     if starts and isinstance(starts[-1].get("args"), dict):
         return starts[-1]["args"]

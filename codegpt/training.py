@@ -641,11 +641,12 @@ def train(
     ``model`` is a ``GPT``, or a ``GPTConfig`` built after seeding (initial weights depend on
     ``args.seed`` only), or None to resume with the checkpoint's own config; a resume with a given
     model refuses one whose config differs from the checkpoint's. The datasets yield ``codegpt.data``
-    items; ``eval_dataset`` is scored every ``eval_every`` steps and at the end. ``decode`` turns codes (B, H, W) into images in [0, 1] for
-    the sample grid (default: one coloured cell per code); ``grid_shape`` defaults to the dataset's,
-    else square, else one row; ``accelerator`` defaults to ``make_accelerator(args)``. ``data_record``
-    (JSON-able: the data, codebook and autoencoder the codes decode through, see ``runs.RUN_DATA``) is
-    written into the run folder at the start, so the run's samples and evaluation need no flags.
+    items; ``eval_dataset`` is scored every ``eval_every`` steps and at the end. ``decode`` turns codes
+    (B, H, W) into images in [0, 1] for the sample grid (default: one coloured cell per code);
+    ``grid_shape`` defaults to the dataset's, else square, else one row; ``accelerator`` defaults to
+    ``make_accelerator(args)``. ``data_record`` (JSON-able: the data, codebook and autoencoder the codes
+    decode through, see ``runs.RUN_DATA``) is written into the run folder at the start, so the run's
+    samples and evaluation need no flags.
 
     Errors, raised before the first step and before anything is written: ``FileExistsError`` when
     another run holds the folder's lock; ``ValueError`` for a folder that holds a run (unless
