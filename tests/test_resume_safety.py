@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from codegpt import GPT
 from codegpt._util import file_record
 from codegpt.cli import main
-from codegpt.runs import load_model, newest_checkpoint, resolve_run
+from codegpt.runs import complete_checkpoints, load_model, newest_checkpoint, resolve_run
 from codegpt.training import TrainingArguments, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +91,17 @@ def runs_dir(tmp_path_factory):
     return root
 
 
+def run_config(run: Path):
+    """The model config the run was trained with (as a user who repeats the model's flags would pass it)."""
+    folders = [run / "model", *sorted((run / "checkpoints").glob("step-??????/model"))]
+    return GPT.from_pretrained(next(f for f in folders if (f / "config.json").is_file())).config
+
+
+def read_records(run: Path) -> dict[str, bytes | None]:
+    return {name: (run / name).read_bytes() if (run / name).exists() else None
+            for name in ("training_args.json", "starts.jsonl", "log.jsonl")}
+
+
 def copy_run(runs_dir: Path, tmp_path: Path) -> tuple[Path, object]:
     from codegpt.data import CodeDataset
 
@@ -123,7 +134,7 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one_and_the_resume_sta
         (newest / {"optimizer missing": "optimizer.bin", "scheduler missing": "scheduler.bin",
                    "model missing": "model.safetensors"}[damage]).unlink()
 
-    result = train(tiny_args(run, max_steps=6, resume=True), None, dataset)
+    result = train(tiny_args(run, max_steps=6, resume=True), run_config(run), dataset)
     assert result.resumed_from == previous
     out = capsys.readouterr().out
     assert "warning: skipping a checkpoint" in out and "step-000004" in out
@@ -137,7 +148,7 @@ def test_a_resume_with_no_restorable_checkpoint_is_refused_naming_each(runs_dir,
     (run / "checkpoints" / "step-000002" / "manifest.json").unlink()  # e.g. written by an older codegpt
     before = weights(run / "model")
     with pytest.raises(ValueError, match=r"no checkpoint .* can be restored exactly") as err:
-        train(tiny_args(run, max_steps=6, resume=True), None, dataset)
+        train(tiny_args(run, max_steps=6, resume=True), run_config(run), dataset)
     assert "step-000004/random_states_0.pkl' is missing" in str(err.value)
     assert "step-000002' has no manifest.json" in str(err.value)
     assert_same_weights(weights(run / "model"), before)
@@ -165,7 +176,7 @@ def test_trainer_state_is_validated_naming_file_and_field(field, value, message,
     (newest / "trainer_state.json").write_text(json.dumps(state))
     reseal(newest)
     with pytest.raises(ValueError, match=message) as err:
-        train(tiny_args(run, max_steps=6, resume=True), None, dataset)
+        train(tiny_args(run, max_steps=6, resume=True), run_config(run), dataset)
     assert "step-000004/trainer_state.json" in str(err.value)
 
 
@@ -176,7 +187,7 @@ def test_trainer_state_is_validated_naming_file_and_field(field, value, message,
 
 def test_a_resume_that_would_change_the_run_is_refused_listing_every_difference(runs_dir, tmp_path):
     run, dataset = copy_run(runs_dir, tmp_path)
-    records = {name: (run / name).read_bytes() for name in ("training_args.json", "starts.jsonl", "log.jsonl")}
+    records = read_records(run)
     other = learnable_codes(tmp_path / "other", seed=1)  # same shape, other codes
     model = GPT.from_pretrained(run / "checkpoints" / "step-000004" / "model").config
     model.num_heads = 4
@@ -189,13 +200,13 @@ def test_a_resume_that_would_change_the_run_is_refused_listing_every_difference(
                        "adam_betas: [0.9, 0.95] -> [0.9, 0.99]", "model num_heads: 2 -> 4", "data shards_sha256: "):
         assert difference in message, difference
     assert "save_every" not in message.split(". A resume may")[0]  # cadence may change
-    assert records == {name: (run / name).read_bytes() for name in records}  # nothing rewritten
+    assert read_records(run) == records  # nothing rewritten
 
 
 def test_a_resume_keeps_the_first_arguments_and_records_every_start(runs_dir, tmp_path):
     run, dataset = copy_run(runs_dir, tmp_path)
     first = (run / "training_args.json").read_bytes()
-    train(tiny_args(run, max_steps=6, resume=True, eval_every=3, num_workers=0), None, dataset)
+    train(tiny_args(run, max_steps=6, resume=True, eval_every=3, num_workers=0), run_config(run), dataset)
     assert (run / "training_args.json").read_bytes() == first  # the original arguments, never overwritten
     starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]
     assert [s["step"] for s in starts] == [0, 4] and starts[1]["resumed_from"] == "step-000004"
@@ -210,6 +221,13 @@ def test_a_resume_keeps_the_first_arguments_and_records_every_start(runs_dir, tm
 # ---------------------------------------------------------------------------------------------
 # 5. The model comes from the checkpoint; steps at or below it are an error
 # ---------------------------------------------------------------------------------------------
+
+
+def test_a_resume_without_a_model_takes_the_checkpoints(runs_dir, tmp_path):
+    run, dataset = copy_run(runs_dir, tmp_path)
+    result = train(tiny_args(run, max_steps=6, resume=True), None, dataset)
+    assert result.resumed_from == run / "checkpoints" / "step-000004"
+    assert_same_weights(weights(run / "model"), weights(runs_dir / "reference" / "model"))
 
 
 def test_cli_resume_rebuilds_the_model_from_the_checkpoint_and_refuses_other_model_flags(small_data, tmp_path,
@@ -334,11 +352,12 @@ SCRIPT = textwrap.dedent(
 
     ds = CodeDataset(data)
     config = GPTConfig(vocab_size=ds.vocab_size, seq_len=ds.seq_len, embed_dim=16, num_layers=1, num_heads=2,
-                       class_conditional=True, num_classes=ds.num_classes)
+                       class_conditional=True, num_classes=ds.num_classes, embd_dropout=0.1, resid_dropout=0.1,
+                       class_dropout_prob=0.2)
     args = TrainingArguments(output_dir=out, max_steps=steps, per_device_batch_size=8, learning_rate=3e-3,
                              warmup_steps=8, save_every=2, save_total_limit=2, progress=False, samples_per_class=1,
                              resume=mode != "slow")
-    train(args, config if mode == "slow" else None, Slow(ds))
+    train(args, config, Slow(ds))
     """
 )
 
@@ -377,7 +396,7 @@ def test_sigkill_between_the_two_renames_of_the_final_model_is_repaired_on_the_n
     assert not (run / "model").exists() and list(run.glob("model.old-*")) and (run / "model.tmp").is_dir()
     # The next start finishes the move (the new model was complete), then finds nothing left to do.
     with pytest.raises(ValueError, match="already at step 6"):
-        train(tiny_args(run, max_steps=6, resume=True), None, dataset)
+        train(tiny_args(run, max_steps=6, resume=True), run_config(run), dataset)
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("model")) == ["model"]
     assert_same_weights(weights(run / "model"), weights(run / "checkpoints" / "step-000006" / "model"))
     assert_same_weights(weights(run / "model"), weights(runs_dir / "reference" / "model"))
@@ -388,7 +407,9 @@ def test_sigkill_while_pruning_leaves_no_half_deleted_checkpoint(runs_dir, tmp_p
     killed = _start(tmp_path, str(runs_dir / "data"), str(run), "kill-while-pruning", "8")
     output, _ = killed.communicate(timeout=120)
     assert killed.returncode == -signal.SIGKILL, output
-    train(tiny_args(run, max_steps=8, resume=True), None, dataset)
+    # The half-deleted step 2 is not taken for a checkpoint, before the next start cleans it up.
+    assert [step for step, _ in complete_checkpoints(run)] == [4, 6]
+    train(tiny_args(run, max_steps=8, resume=True), run_config(run), dataset)
     # Only complete checkpoints remain, each as its manifest says.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
     from codegpt.runs import verify_run
@@ -407,7 +428,7 @@ def test_leftovers_of_a_kill_between_renames_of_a_checkpoint_are_repaired(runs_d
     (ckpts / "step-000002.tmp" / "manifest.json").unlink()
     os.replace(ckpts / "step-000002", ckpts / "step-000002.old-12345")
     assert newest_checkpoint(run) is None
-    result = train(tiny_args(run, max_steps=6, resume=True), None, dataset)
+    result = train(tiny_args(run, max_steps=6, resume=True), run_config(run), dataset)
     assert result.resumed_from == ckpts / "step-000004"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000004", "step-000006"]
     assert_same_weights(weights(run / "model"), weights(runs_dir / "reference" / "model"))
@@ -436,7 +457,7 @@ def test_a_full_disk_is_one_clear_error_and_the_older_checkpoints_stay(runs_dir,
     shutil.rmtree(run / "model")
     _fill_disk_at_step(monkeypatch, 6)
     with pytest.raises(OSError, match=r"could not write checkpoint step-000006 in .*checkpoints.*No space left"):
-        train(tiny_args(run, max_steps=8, resume=True), None, dataset)
+        train(tiny_args(run, max_steps=8, resume=True), run_config(run), dataset)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     from codegpt.runs import verify_run
 
@@ -473,7 +494,7 @@ def test_a_read_only_run_folder_is_one_clear_error(runs_dir, tmp_path):
     os.chmod(run, 0o555)
     try:
         with pytest.raises(OSError, match=rf"could not write the output folder {run}.*Permission denied"):
-            train(tiny_args(run, max_steps=6, resume=True), None, dataset)
+            train(tiny_args(run, max_steps=6, resume=True), run_config(run), dataset)
     finally:
         os.chmod(run, 0o755)
     from codegpt.runs import verify_run
