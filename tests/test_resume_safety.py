@@ -154,6 +154,20 @@ def test_a_resume_with_no_restorable_checkpoint_is_refused_naming_each(runs_dir,
     assert_same_weights(weights(run / "model"), before)
 
 
+def test_a_random_state_that_accelerate_cannot_load_is_an_error_not_a_log_line(runs_dir, tmp_path):
+    """Accelerate's load_state only logs a random state it fails to load; past the manifest (a writer's bug,
+    resealed), the resume still compares the live generators with the file."""
+    run, dataset = copy_run(runs_dir, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "step-000002")
+    newest = run / "checkpoints" / "step-000004"
+    (newest / "random_states_0.pkl").write_bytes(b"not a pickle")
+    reseal(newest)
+    before = weights(run / "model")
+    with pytest.raises(ValueError, match=r"step-000004: the random state random_states_0.pkl cannot be restored"):
+        train(tiny_args(run, max_steps=6, resume=True), run_config(run), dataset)
+    assert_same_weights(weights(run / "model"), before)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. trainer_state.json is validated, errors name the file and the field
 # ---------------------------------------------------------------------------------------------
