@@ -69,7 +69,16 @@ from .images import (
     load_source_indices,
     source_from_record,
 )
-from .runs import load_model, render_codes, resolve_run, sample_classes, save_image_grid
+from .runs import (
+    MODEL_DIR,
+    load_model,
+    newest_checkpoint,
+    read_training_args,
+    render_codes,
+    resolve_run,
+    sample_classes,
+    save_image_grid,
+)
 from .training import TrainingArguments, check_compatible, config_for, train
 
 __all__ = ["main", "build_parser", "CLIError", "TrainInputs"]
@@ -181,7 +190,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "sample_temperature": {"help": "temperature of the sample grids"},
     "log_every": {"help": "steps between progress-bar updates"},
     "resume": {"help": "continue from the newest complete checkpoint in --out"},
-    "overwrite_output_dir": {"help": "delete --out's checkpoints and start over"},
+    "overwrite_output_dir": {"help": "delete the run in --out (model, checkpoints, records) and start over"},
     "progress": {"help": "show a progress bar"},
     "num_workers": {"help": "DataLoader workers"},
     # push (CardInfo)
@@ -620,16 +629,54 @@ def _model_config(inputs: TrainInputs, dataset: CodeDataset) -> GPTConfig:
     return config
 
 
+# The flags that shape the prior (TrainInputs fields). `train` parses them with no default, so that
+# --resume can tell the flags a user gave (checked against the checkpoint) from those left out.
+_MODEL_FLAGS = ("embed_dim", "num_layers", "num_heads", "dropout", "class_dropout", "unconditional")
+
+
+def _resumed_config(targs: TrainingArguments, inputs: TrainInputs, given: dict[str, Any],
+                    dataset: CodeDataset) -> GPTConfig | None:
+    """With --resume and a checkpoint to resume from: the checkpoint's model config, with the model flags the
+    user gave applied (train() refuses any difference from the checkpoint, naming it). Else None."""
+    checkpoint = newest_checkpoint(targs.output_dir) if targs.resume else None
+    if checkpoint is None or inputs.config:
+        return None
+    with _user_errors(f"{checkpoint}: ", kinds=(*_BAD_INPUT, OSError)):
+        saved = GPTConfig.from_pretrained(checkpoint / MODEL_DIR)
+    overrides = {name: given[name] for name in ("embed_dim", "num_layers", "num_heads") if name in given}
+    if "dropout" in given:
+        overrides.update(embd_dropout=given["dropout"], resid_dropout=given["dropout"])
+    if "class_dropout" in given:
+        overrides["class_dropout_prob"] = given["class_dropout"]
+    if "unconditional" in given:
+        overrides.update(class_conditional=not given["unconditional"],
+                         num_classes=0 if given["unconditional"] else dataset.num_classes)
+    with _user_errors("model flags: "):
+        return GPTConfig.from_dict({**saved.to_dict(), **overrides})
+
+
 def _run_train(args: argparse.Namespace) -> int:
-    inputs = _from_args(TrainInputs, args)
+    given = {name: getattr(args, name) for name in _MODEL_FLAGS if getattr(args, name) is not None}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainInputs) if f.name in _MODEL_FLAGS}
+    inputs = _from_args(TrainInputs, args, **{**defaults, **given})
+    warmup = min(args.warmup_steps, args.max_steps)
+    recorded = read_training_args(args.output_dir) if args.resume and Path(args.output_dir).is_dir() else None
+    if recorded and recorded.get("warmup_steps") == min(args.warmup_steps, recorded.get("max_steps", 0)):
+        warmup = recorded["warmup_steps"]  # the same flag, capped by the run's first max_steps: the same schedule
     targs = _from_args(
         TrainingArguments,
         args,
-        warmup_steps=min(args.warmup_steps, args.max_steps),
+        warmup_steps=warmup,
         max_grad_norm=args.max_grad_norm or None,  # 0 on the command line: no clipping
     )
     data = _open_data(inputs.data, inputs.val_fraction, inputs.split_seed)
-    config = _model_config(inputs, data.dataset)
+    config = _resumed_config(targs, inputs, given, data.dataset)
+    if config is None:
+        config = _model_config(inputs, data.dataset)
+    else:
+        with _user_errors():
+            check_compatible(config, data.dataset.codebook_size, data.dataset.grid, data.dataset.num_classes,
+                             where=f"the dataset {inputs.data}")
     codebook_dir = inputs.codebook or data.codebook_dir
     pixels = _pixels(codebook_dir, data.autoencoder, config, patch=inputs.patch)
     # What decodes this run's codes, so that `codegpt sample RUN` and `codegpt eval RUN` need no flags.
@@ -639,8 +686,9 @@ def _run_train(args: argparse.Namespace) -> int:
         "autoencoder": pixels.autoencoder.spec() if pixels and pixels.autoencoder else None,
         "split": data.split,
     }
-    # A ValueError is raised before the first step (output folder, batch size vs dataset size).
-    with _user_errors(kinds=(ValueError,)):
+    # Raised before the first step: a ValueError (output folder, resume, batch size vs dataset size), a
+    # FileExistsError (another run holds the folder); an OSError names what could not be written.
+    with _user_errors(kinds=(ValueError, TypeError, OSError)):
         result = train(targs, config, data.train, data.val, decode=pixels and pixels.decode,
                        grid_shape=data.dataset.grid, data_record=record)
     if result.final_eval is not None:
@@ -1083,11 +1131,15 @@ def build_parser() -> argparse.ArgumentParser:
         "launch --multi_gpu --num_processes N -m codegpt train ...`; two CPU processes: `accelerate launch "
         "--config_file examples/accelerate_cpu2.yaml -m codegpt train ...`. The model's vocabulary, "
         "sequence length and classes come from the dataset; --config gives a full GPTConfig instead "
-        "(JSON file or model folder), checked against the dataset. Writes OUT/model (save_pretrained), "
-        "OUT/checkpoints, OUT/log.jsonl and OUT/samples.png.",
+        "(JSON file or model folder), checked against the dataset; the shape flags default to GPTConfig's, and "
+        "with --resume to the checkpoint's (a resume refuses any change of model, data, seed, batch, optimizer "
+        "or schedule, listing them). Writes OUT/model (save_pretrained), OUT/checkpoints, OUT/log.jsonl, "
+        "OUT/starts.jsonl and OUT/samples.png; refuses an OUT that holds a run unless --resume or "
+        "--overwrite-output-dir.",
         [TrainInputs, TrainingArguments],
     )
     p.set_defaults(mixed_precision=None)  # not given: as `accelerate launch` is configured (else fp32)
+    p.set_defaults(**dict.fromkeys(_MODEL_FLAGS))  # not given: GPTConfig's, or the checkpoint's (--resume)
 
     p = _command(
         sub, "sample", _run_sample, "sample from a trained prior (a run, a model folder or a Hub id) as images",

@@ -4,23 +4,28 @@ The one place that knows where things are in a run: training writes it; the CLI,
 Hub push read it. The per-class sampler and image grid of ``samples.png`` live here too::
 
     run/
-      training_args.json          the arguments, for the record
+      training_args.json          the arguments of the run's first start, never rewritten by a resume
+      starts.jsonl                one line per start: time, step, resumed from, arguments, data identity, changes
       data.json                   what the codes decode through: data, codebook and autoencoder (spec), split
       log.jsonl                   one line per evaluation (step, held-out nats and bits per code)
-      checkpoints/step-000500/    model/ (save_pretrained) + Accelerate state + trainer_state.json
-      model/                      the final model (save_pretrained; loads with GPT.from_pretrained)
+      checkpoints/step-000500/    model/ (save_pretrained) + Accelerate state + trainer_state.json + manifest.json
+      model/                      the final model (save_pretrained; loads with GPT.from_pretrained) + manifest.json
       samples.png                 a grid of samples at the end (one row per class)
+      train.lock                  while a run trains into the folder: its pid and host
 
-A checkpoint is written to ``step-XXXXXX.tmp`` and renamed into place, ``trainer_state.json``
-last, so a folder without it (a kill mid-save) is never taken for a checkpoint.
+A checkpoint is written to ``step-XXXXXX.tmp`` and renamed into place; its ``manifest.json`` (every
+file's size and SHA-256) is written last, so a folder whose manifest is missing or does not match
+its files (a save cut short, a file damaged or replaced later) is never taken for a checkpoint.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +35,27 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from ._util import atomic_write, check_int, check_path, read_json, resolve_device, write_text
+from ._util import (
+    atomic_write,
+    check_file_records,
+    check_format,
+    check_int,
+    check_path,
+    file_record,
+    read_json,
+    resolve_device,
+    write_json,
+    write_text,
+)
 from .configuration_codegpt import GPTConfig
 from .modeling_codegpt import GPT
 from .sampling import generate
 
 __all__ = [
-    "MODEL_DIR", "CHECKPOINTS_DIR", "TRAINING_ARGS", "RUN_DATA", "LOG", "STATE", "SAMPLES", "checkpoint_name",
-    "complete_checkpoints", "newest_checkpoint", "remove_partial_checkpoints", "RunFiles", "resolve_run",
+    "MODEL_DIR", "CHECKPOINTS_DIR", "TRAINING_ARGS", "STARTS", "RUN_DATA", "LOG", "STATE", "MANIFEST", "SAMPLES",
+    "LOCK", "checkpoint_name", "write_manifest", "check_manifest", "read_trainer_state", "checkpoint_problem",
+    "checkpoint_folders", "complete_checkpoints", "newest_checkpoint", "remove_partial_checkpoints", "acquire_lock",
+    "release_lock", "read_starts", "record_start", "read_training_args", "verify_run", "RunFiles", "resolve_run",
     "load_model", "read_metrics", "write_log", "append_log", "Decoder", "sample_classes", "render_codes",
     "save_image_grid",
 ]
@@ -45,11 +63,20 @@ __all__ = [
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 TRAINING_ARGS = "training_args.json"
+STARTS = "starts.jsonl"
 RUN_DATA = "data.json"  # {"data", "codebook" (absolute folders), "autoencoder" (a spec), "split"}
 LOG = "log.jsonl"
-STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+STATE = "trainer_state.json"
+MANIFEST = "manifest.json"  # written last: every other file's size and SHA-256
 SAMPLES = "samples.png"
+LOCK = "train.lock"
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
+MANIFEST_FORMAT, MANIFEST_VERSION = "codegpt-manifest", 1
+# What a checkpoint must hold to be restored exactly (besides random_states_<rank>.pkl for every process).
+CHECKPOINT_FILES = (STATE, "model.safetensors", "optimizer.bin", "scheduler.bin", f"{MODEL_DIR}/config.json",
+                    f"{MODEL_DIR}/model.safetensors")
+# Files the run folder's writers leave as `.NAME.<pid>-<hex>.tmp` when killed mid-write (_util.atomic_write).
+_RUN_FILES = (TRAINING_ARGS, STARTS, RUN_DATA, LOG, SAMPLES, "samples-step-*.png")
 
 
 def checkpoint_name(step: int) -> str:
@@ -57,24 +84,89 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """Write ``folder/manifest.json``: every file below ``folder`` (relative path -> size and SHA-256).
+    Written last: a folder whose manifest is present and matches is complete."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): file_record(p)
+             for p in sorted(folder.rglob("*")) if p.is_file() and p != folder / MANIFEST}
+    return write_json(folder / MANIFEST, {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
+                                          "files": files})
+
+
+def check_manifest(folder: str | os.PathLike, what: str, hashes: bool = False, required: Sequence[str] = ()) -> None:
+    """Raise ``ValueError`` naming the file unless ``folder``'s manifest lists every ``required`` file and every
+    file it lists is there with its size (and, with ``hashes``, its SHA-256)."""
+    folder = Path(folder)
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise ValueError(f"{what}: {str(folder)!r} has no {MANIFEST} (a save cut short, or written by a codegpt "
+                         "older than manifests: its files cannot be checked)")
+    meta = read_json(file, what)
+    check_format(file, meta, MANIFEST_FORMAT, MANIFEST_VERSION)
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise ValueError(f"{what}: {str(file)!r} must map file names to records under 'files'")
+    unlisted = [name for name in required if name not in files]
+    if unlisted:
+        raise ValueError(f"{what}: {str(folder)!r} lacks {', '.join(unlisted)} (not in its {MANIFEST})")
+    check_file_records(folder, files, what, hashes=hashes)
+
+
+def read_trainer_state(checkpoint: str | os.PathLike, num_items: int | None = None) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json``, every field checked (types and ranges; ``position`` at most
+    ``num_items``, the training set's size, when given); errors name the file and the field."""
+    file = Path(checkpoint) / STATE
+    state = read_json(file, "checkpoint")
+    try:
+        step = check_int(f"{file}: field 'step'", state.get("step"), low=1)
+        m = CHECKPOINT_RE.match(Path(checkpoint).name.removesuffix(".tmp"))
+        if m and step != int(m.group(1)):
+            raise ValueError(f"{file}: field 'step' is {step} but the folder is {Path(checkpoint).name}")
+        check_int(f"{file}: field 'epoch'", state.get("epoch"), low=0)
+        check_int(f"{file}: field 'position'", state.get("position"), low=0, high=num_items)
+        check_int(f"{file}: field 'global_batch'", state.get("global_batch"), low=1)
+        check_int(f"{file}: field 'num_processes'", state.get("num_processes"), low=1)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+    history = state.get("eval_history")
+    if not isinstance(history, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("step"), int) and 1 <= e["step"] <= step for e in history
+    ):
+        raise ValueError(f"{file}: field 'eval_history' must be a list of evaluations, each with a 'step' in "
+                         f"[1, {step}], got {history!r:.200}")
+    return state
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike, hashes: bool = False, num_items: int | None = None) -> str | None:
+    """Why ``checkpoint`` cannot be restored exactly (its manifest, its files, its trainer state), or None."""
+    checkpoint = Path(checkpoint)
+    try:
+        check_manifest(checkpoint, "checkpoint", hashes, CHECKPOINT_FILES)
+        state = read_trainer_state(checkpoint, num_items)
+        rng = [f"random_states_{rank}.pkl" for rank in range(state["num_processes"])]
+        check_manifest(checkpoint, "checkpoint", False, rng)
+    except (OSError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def checkpoint_folders(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every ``checkpoints/step-N`` folder of a run as (step, folder), oldest first, complete or not."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    found = [(int(m.group(1)), entry) for entry in (root.iterdir() if root.is_dir() else [])
+             if (m := CHECKPOINT_RE.match(entry.name)) and entry.is_dir()]
+    return sorted(found)
+
+
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """The run's complete checkpoints as (step, folder), oldest first.
 
-    Complete: a ``step-N`` folder whose ``trainer_state.json`` parses and says step N, and whose
-    ``model/config.json`` exists.
+    Complete: a ``step-N`` folder whose manifest lists every file a restore needs, every listed file
+    has its recorded size, and whose ``trainer_state.json`` is valid and says step N. (Sizes only:
+    a resume also checks the hashes of the checkpoint it restores.)
     """
-    root, found = Path(run_dir) / CHECKPOINTS_DIR, []
-    for entry in root.iterdir() if root.is_dir() else []:
-        m = CHECKPOINT_RE.match(entry.name)
-        if not m or not entry.is_dir() or not (entry / MODEL_DIR / "config.json").is_file():
-            continue
-        try:
-            state = json.loads((entry / STATE).read_text())
-        except (OSError, ValueError):
-            continue  # half-written: the state is written last
-        if isinstance(state, dict) and state.get("step") == int(m.group(1)):
-            found.append((int(m.group(1)), entry))
-    return sorted(found)
+    return [(step, folder) for step, folder in checkpoint_folders(run_dir) if checkpoint_problem(folder) is None]
 
 
 def newest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -83,10 +175,158 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def remove_partial_checkpoints(run_dir: str | os.PathLike) -> None:
-    """Delete ``step-N.tmp`` folders: saves cut short by a kill."""
-    for partial in (Path(run_dir) / CHECKPOINTS_DIR).glob("step-*.tmp"):
-        shutil.rmtree(partial, ignore_errors=True)
+def _model_folder_complete(folder: Path) -> bool:
+    try:
+        check_manifest(folder, "model", required=("config.json",))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _finish_replacements(parent: Path, names: str, complete: Callable[[Path], bool]) -> list[str]:
+    """Repair what a kill left of ``_util.replace_dir`` (and of pruning) among ``parent``'s ``names`` folders:
+    between its two renames the old folder is ``NAME.old-PID`` and the new, complete one ``NAME.tmp``,
+    with no ``NAME``; the move is finished. Then leftovers are removed. Returns what was done."""
+    done = []
+    for old in sorted(parent.glob(f"{names}.old-*")):
+        final = parent / old.name.rsplit(".old-", 1)[0]
+        tmp = final.with_name(final.name + ".tmp")
+        if not final.exists():
+            if tmp.is_dir() and complete(tmp):
+                os.replace(tmp, final)
+                done.append(f"finished moving {tmp} to {final.name}")
+            else:
+                os.replace(old, final)
+                done.append(f"restored {final} from {old.name}")
+                continue
+        shutil.rmtree(old, ignore_errors=True)
+        done.append(f"removed {old}")
+    for leftover in [*parent.glob(f"{names}.tmp"), *parent.glob(f"{names}.deleting")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+        done.append(f"removed {leftover}")
+    return done
+
+
+def remove_partial_checkpoints(run_dir: str | os.PathLike) -> list[str]:
+    """Clean up after a kill: finish or undo a folder replacement cut between its two renames (checkpoints
+    and ``model/``), delete saves cut short (``step-N.tmp``, ``model.tmp``), checkpoints cut short while
+    pruned (``step-N.deleting``) and files cut short while written. Returns what was done, for the log.
+    Only names codegpt writes are touched: a run folder may hold the user's own files."""
+    run = Path(run_dir)
+    done = _finish_replacements(run / CHECKPOINTS_DIR, "step-*",
+                                lambda tmp: checkpoint_problem(tmp) is None)
+    done += _finish_replacements(run, MODEL_DIR, _model_folder_complete)
+    for name in _RUN_FILES:
+        for leftover in run.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+            done.append(f"removed {leftover}")
+    return done
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def acquire_lock(run_dir: str | os.PathLike) -> Path:
+    """Take the run folder's lock (``train.lock``, created exclusively, holding this pid and host) or raise
+    ``FileExistsError`` saying who holds it. A lock left by a dead process on this host is taken over."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    lock, host = run / LOCK, socket.gethostname()
+    record = json.dumps({"pid": os.getpid(), "host": host,
+                         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+                pid, where = int(holder["pid"]), str(holder["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise FileExistsError(f"output_dir {run} is locked by {lock}, which does not say who holds it; "
+                                      "delete it if no run is training there") from None
+            if where == host and pid != os.getpid() and not _pid_alive(pid):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise FileExistsError(
+                f"output_dir {run}: another run is training into it (pid {pid} on {where}, since "
+                f"{holder.get('time')}); wait for it, or delete {lock} if that process is gone"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(record)
+            f.flush()
+            os.fsync(f.fileno())
+        return lock
+    raise FileExistsError(f"output_dir {run}: could not take {lock}")
+
+
+def release_lock(lock: str | os.PathLike) -> None:
+    """Give back a lock ``acquire_lock`` took (if it is still this process's)."""
+    lock = Path(lock)
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def read_starts(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every start of the run (``starts.jsonl``), oldest first; [] for a run written before starts were kept."""
+    file = Path(run_dir) / STARTS
+    if not file.is_file():
+        return []
+    records = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise ValueError(f"{file}: line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def record_start(run_dir: str | os.PathLike, record: dict[str, Any], fresh: bool = False) -> None:
+    """Add one start to the run's history (``fresh``: the first start of a new run replaces it), atomically."""
+    records = [] if fresh else read_starts(run_dir)
+    write_text(Path(run_dir) / STARTS, "".join(json.dumps(r) + "\n" for r in [*records, record]))
+
+
+def verify_run(run_dir: str | os.PathLike, hashes: bool = True) -> list[Path]:
+    """Check a run folder: every checkpoint against its manifest (sizes, and SHA-256 when ``hashes``) and
+    trainer state, the final ``model/`` against its manifest, and every model folder's weights against its
+    config (no missing, unexpected or misshapen tensors). Returns the folders checked; raises ``ValueError``
+    listing every problem."""
+    run = check_path("run_dir", run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run_dir: no such directory {str(run)!r}")
+    checked, problems = [], []
+    for _, folder in checkpoint_folders(run):
+        problem = checkpoint_problem(folder, hashes=hashes)
+        problems += [problem] if problem else _weights_problems(folder / MODEL_DIR)
+        checked.append(folder)
+    model_dir = run / MODEL_DIR
+    if model_dir.is_dir():
+        try:
+            check_manifest(model_dir, "model", hashes, ("config.json",))
+        except (OSError, ValueError) as err:
+            problems.append(str(err))
+        else:
+            problems += _weights_problems(model_dir)
+        checked.append(model_dir)
+    if not checked:
+        raise ValueError(f"run_dir: {str(run)!r} holds neither checkpoints/step-N nor model/: not a training run")
+    if problems:
+        raise ValueError(f"run_dir {run}: {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
+                         + "; ".join(problems))
+    return checked
 
 
 @dataclass(frozen=True)
@@ -95,7 +335,7 @@ class RunFiles:
 
     model_dir: Path
     metrics: dict[str, Any] | None  # the evaluation of these weights, if the run made one
-    training_args: dict[str, Any] | None
+    training_args: dict[str, Any] | None  # those in force: the latest start's
     data: dict[str, Any] | None = None  # the run's RUN_DATA: what its codes decode through
 
 
@@ -133,10 +373,19 @@ def resolve_run(path: str | os.PathLike, what: str = "model_dir") -> RunFiles:
     elif model_dir.name == MODEL_DIR and (parent / TRAINING_ARGS).is_file():
         run = parent
         metrics = read_metrics(run, what)
-    has_args = run is not None and (run / TRAINING_ARGS).is_file()
     has_data = run is not None and (run / RUN_DATA).is_file()
-    return RunFiles(model_dir, metrics, read_json(run / TRAINING_ARGS, what) if has_args else None,
+    return RunFiles(model_dir, metrics, read_training_args(run, what) if run is not None else None,
                     read_json(run / RUN_DATA, what) if has_data else None)
+
+
+def read_training_args(run_dir: str | os.PathLike, what: str = "run_dir") -> dict[str, Any] | None:
+    """A run's arguments in force: the latest start's (a resume may change e.g. max_steps), else those of
+    its first start (``training_args.json``), else None."""
+    run = Path(run_dir)
+    starts = read_starts(run)
+    if starts and isinstance(starts[-1].get("args"), dict):
+        return starts[-1]["args"]
+    return read_json(run / TRAINING_ARGS, what) if (run / TRAINING_ARGS).is_file() else None
 
 
 def load_model(
@@ -156,14 +405,36 @@ def load_model(
     if model_type != GPTConfig.model_type:
         raise ValueError(f"{what}: {str(model_dir)!r} holds a {model_type!r} model, not a {GPTConfig.model_type!r} one")
     target = resolve_device(device)  # before the load: a bad device fails fast
+    return _load_gpt(model_dir, what, dtype="auto" if dtype is None else dtype).to(target).eval()
+
+
+def _load_gpt(model_dir: Path, what: str, **kwargs: Any) -> GPT:
+    """``GPT.from_pretrained`` that refuses weights that do not match the config: transformers would
+    initialise missing tensors at random and drop unexpected ones, and sample from that without a word."""
     try:
-        model = GPT.from_pretrained(model_dir, dtype="auto" if dtype is None else dtype)
+        model, info = GPT.from_pretrained(model_dir, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except SafetensorError as err:  # a truncated or foreign weights file
         weights = str(model_dir / "model.safetensors")
         raise ValueError(f"{what}: {weights!r} is not a readable safetensors file ({err})") from None
     except OSError as err:  # transformers found no weights file
         raise FileNotFoundError(f"{what}: {err}") from None
-    return model.to(target).eval()
+    wrong = [f"missing {sorted(info['missing_keys'])}" if info["missing_keys"] else "",
+             f"unexpected {sorted(info['unexpected_keys'])}" if info["unexpected_keys"] else "",
+             "misshapen " + ", ".join(f"{key} {tuple(saved)} (the config makes {tuple(made)})"
+                                      for key, saved, made in sorted(info["mismatched_keys"]))
+             if info["mismatched_keys"] else ""]
+    if any(wrong):
+        raise ValueError(f"{what}: the weights in {str(model_dir)!r} do not match its config.json: "
+                         + "; ".join(w for w in wrong if w))
+    return model
+
+
+def _weights_problems(model_dir: Path) -> list[str]:
+    try:
+        _load_gpt(model_dir, "model")
+    except (OSError, ValueError, RuntimeError) as err:
+        return [str(err).splitlines()[0]]
+    return []
 
 
 def read_metrics(run_dir: str | os.PathLike, what: str = "run_dir") -> dict[str, Any] | None:

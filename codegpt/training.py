@@ -10,15 +10,24 @@ per rank, and on a machine without an accelerator they form a gloo group over th
 
 Resume is exact: the data order is a pure function of (seed, epoch), the position in the epoch is
 saved, and Accelerate restores the model, optimizer, scheduler and every RNG (run folder: ``codegpt.runs``).
+It is also safe: a checkpoint is restored only when its manifest, hashes and trainer state check out (a
+damaged newest one is skipped for the previous complete one, with a warning), the model is rebuilt from
+the checkpoint's config, and a resume that would change the run (model, data, seed, batch, optimizer,
+schedule: everything but ``RESUMABLE``) is refused with the list of differences. One run at a time trains
+into a folder (``train.lock``), and a finished run is never overwritten unless asked.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import inspect
 import math
 import os
+import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import load as load_accelerate_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from . import runs
-from ._util import check_choice, check_float, check_int, read_json, replace_dir, resolve_device, write_json
+from ._util import check_choice, check_float, check_int, file_record, read_json, replace_dir, resolve_device, write_json
 from .configuration_codegpt import GPTConfig
 from .evaluation import evaluate
 from .fast.kernels import remove_cpu_kernels, use_cpu_kernels
@@ -40,10 +50,23 @@ from .runs import Decoder
 
 __all__ = [
     "TrainingArguments", "TrainResult", "train", "make_accelerator", "parameter_groups", "lr_lambda",
-    "check_compatible", "config_for", "EpochBatchSampler",
+    "check_compatible", "config_for", "EpochBatchSampler", "RESUMABLE", "data_identity",
 ]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+
+# The arguments a resume may change: how far the run goes (the cosine then ends at the new max_steps) and
+# how it logs, evaluates, samples, saves and loads data. Every other argument decides the weights (seed,
+# batch, accumulation, optimizer, schedule, precision) and must stay as the run started; so must the model
+# config and the data.
+RESUMABLE = frozenset({
+    "output_dir", "max_steps", "eval_every", "eval_batch_size", "save_every", "save_total_limit", "sample_every",
+    "samples_per_class", "sample_guidance_scale", "sample_temperature", "log_every", "progress", "num_workers",
+})
+_HOW_STARTED = frozenset({"resume", "overwrite_output_dir"})  # how a start was asked for, not a setting
+# The GPTConfig fields that make the model (use_cache only changes what generate() keeps).
+_MODEL_FIELDS = tuple(name for name in inspect.signature(GPTConfig.__init__).parameters
+                      if name not in ("self", "kwargs", "use_cache"))
 
 
 @dataclass
@@ -272,27 +295,167 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
     )
 
 
-def _prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Path | None:
-    """Decide where to start: the newest complete checkpoint (resume) or nothing."""
-    out = Path(args.output_dir)
+def _on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the main process only; every process gets its result, or raises the error it raised
+    (so that the others never wait at a barrier for a process that has given up)."""
+    outcome: list[Any] = [None]
     if accelerator.is_main_process:
-        runs.remove_partial_checkpoints(out)
-    accelerator.wait_for_everyone()
-    resume_from = runs.newest_checkpoint(out)
-    if resume_from is not None and not args.resume:
-        if not args.overwrite_output_dir:
-            raise ValueError(
-                f"output_dir {out} already holds checkpoints (newest {resume_from.name}); pass resume=True "
-                "(--resume) to continue that run, overwrite_output_dir=True (--overwrite-output-dir) to "
-                "start over, or choose another output_dir"
-            )
-        if accelerator.is_main_process:
-            shutil.rmtree(out / runs.CHECKPOINTS_DIR, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        resume_from = None
-    if args.resume and resume_from is None:
-        accelerator.print(f"resume: no complete checkpoint in {out / runs.CHECKPOINTS_DIR}; starting from step 0")
-    return resume_from if args.resume else None
+        try:
+            outcome = [("ok", fn())]
+        except (OSError, ValueError, TypeError) as err:
+            if accelerator.num_processes == 1:
+                raise
+            outcome = [(type(err), str(err))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    kind, value = outcome[0]
+    if kind != "ok":
+        raise kind(value)
+    return value
+
+
+def _write_failed(err: OSError, what: str) -> OSError:
+    """A disk-full or read-only error as one sentence that names what was being written."""
+    where = f" ({err.filename})" if err.filename else ""
+    return OSError(err.errno, f"could not write {what}{where}: {err.strerror or err}")
+
+
+def _take_lock(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a folder")
+    try:
+        return runs.acquire_lock(out)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        raise _write_failed(err, f"the output folder {out}") from None
+
+
+def _remove_run(out: Path) -> None:
+    """Delete what a run wrote into ``out`` (and nothing else: the folder may hold the user's files)."""
+    for name in (runs.CHECKPOINTS_DIR, runs.MODEL_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (runs.TRAINING_ARGS, runs.STARTS, runs.RUN_DATA, runs.LOG, runs.SAMPLES):
+        (out / name).unlink(missing_ok=True)
+    for sample in out.glob("samples-step-*.png"):
+        sample.unlink(missing_ok=True)
+
+
+def _find_start(args: TrainingArguments, num_items: int, say: Callable[[str], None]) -> Path | None:
+    """Main process: clean up after a kill, then decide where to start: the newest checkpoint that can be
+    restored exactly (resume), or nothing. Refuses to train over a run unless told to."""
+    out = Path(args.output_dir)
+    for done in runs.remove_partial_checkpoints(out):
+        say(f"cleaned up after an interrupted run: {done}")
+    folders = runs.checkpoint_folders(out)
+    finished = (out / runs.MODEL_DIR).is_dir()
+    if not args.resume:
+        if folders or finished:
+            if not args.overwrite_output_dir:
+                held = f"checkpoints (newest {folders[-1][1].name})" if folders else "a finished run (model/)"
+                raise ValueError(
+                    f"output_dir {out} already holds {held}; pass resume=True (--resume) to continue that run, "
+                    "overwrite_output_dir=True (--overwrite-output-dir) to delete it and start over, or choose "
+                    "another output_dir"
+                )
+            _remove_run(out)
+        return None
+    problems = []
+    for _, folder in reversed(folders):  # the newest that checks out, hashes included
+        problem = runs.checkpoint_problem(folder, hashes=True, num_items=num_items)
+        if problem is None:
+            for skipped in problems:
+                say(f"warning: skipping a checkpoint that cannot be restored exactly: {skipped}")
+            return folder
+        problems.append(problem)
+    if problems:
+        raise ValueError(f"resume: no checkpoint in {out / runs.CHECKPOINTS_DIR} can be restored exactly: "
+                         + "; ".join(problems))
+    if finished:
+        raise ValueError(
+            f"resume: output_dir {out} holds a finished model but no checkpoint to continue from (it was trained "
+            "with save_every=0); pass overwrite_output_dir=True (--overwrite-output-dir) to start over, or "
+            "choose another output_dir"
+        )
+    say(f"resume: no checkpoint in {out / runs.CHECKPOINTS_DIR}; starting from step 0")
+    return None
+
+
+def data_identity(dataset: Dataset) -> dict[str, Any]:
+    """What identifies a training set, for a resume to compare: its size, and for a ``codegpt.data``
+    dataset (or a ``Subset`` of one, e.g. a split) its codebook size, grid, classes, the SHA-256 of its
+    shards (as ``dataset.json`` records them, else read now) and of the split's indices."""
+    identity: dict[str, Any] = {"num_items": len(dataset)}
+    base, indices = dataset, None
+    while isinstance(base, torch.utils.data.Subset):  # a subset of a subset: compose the indices
+        indices = list(base.indices) if indices is None else [base.indices[i] for i in indices]
+        base = base.dataset
+    if indices is not None:
+        identity["indices_sha256"] = hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()
+    folder = getattr(base, "path", None)
+    if folder is not None and (Path(folder) / "dataset.json").is_file():
+        meta = read_json(Path(folder) / "dataset.json", "the training data")
+        shards = hashlib.sha256()
+        for shard in meta.get("shards", []):
+            shards.update(str(shard.get("sha256") or file_record(Path(folder) / shard["file"])["sha256"]).encode())
+        identity.update(dataset_items=len(base), codebook_size=meta.get("codebook_size"), grid=meta.get("grid"),
+                        num_classes=meta.get("num_classes"), shards_sha256=shards.hexdigest())
+    return identity
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``field: old -> new`` for every field both record with different values."""
+    return [f"{prefix}{key}: {old[key]!r} -> {new[key]!r}" for key in new if key in old and old[key] != new[key]]
+
+
+def _check_resume(args: TrainingArguments, run_args: dict[str, Any], resume_from: Path, model: GPTConfig | None,
+                  identity: dict[str, Any]) -> dict[str, Any]:
+    """Main process: refuse a resume that would change the run, naming every difference at once; return the
+    history record of this start (with the arguments that changed, which may)."""
+    out = Path(args.output_dir)
+    step = runs.read_trainer_state(resume_from)["step"]
+    if args.max_steps <= step:
+        raise ValueError(f"max_steps {args.max_steps} (--steps): the run in {out} is already at step {step} "
+                         f"({resume_from.name}); pass a larger max_steps to train on")
+    starts = runs.read_starts(out)
+    previous = starts[-1] if starts else {}
+    if "args" not in previous and (out / runs.TRAINING_ARGS).is_file():  # a run from before starts.jsonl
+        previous = {"args": read_json(out / runs.TRAINING_ARGS, "output_dir")}
+    old_args = {k: v for k, v in previous.get("args", {}).items() if k not in _HOW_STARTED}
+    fixed = {k: v for k, v in run_args.items() if k not in RESUMABLE | _HOW_STARTED}
+    problems = _differences(old_args, fixed)
+    if model is not None:
+        saved = GPTConfig.from_pretrained(resume_from / runs.MODEL_DIR)
+        problems += _differences({k: getattr(saved, k) for k in _MODEL_FIELDS},
+                                 {k: getattr(model, k) for k in _MODEL_FIELDS}, "model ")
+    problems += _differences(previous.get("data") or {}, identity, "data ")
+    if problems:
+        raise ValueError(
+            f"resume: the run in {out} cannot go on with other settings (they decide its weights): "
+            + "; ".join(problems) + f". A resume may change only {', '.join(sorted(RESUMABLE))}; use another "
+            "output_dir for a new run, or leave the model flags out (--resume takes the checkpoint's model)"
+        )
+    changed = {k: [old_args[k], v] for k, v in run_args.items()
+               if k in RESUMABLE and k in old_args and old_args[k] != v}
+    return {"step": step, "resumed_from": resume_from.name, "changed": changed}
+
+
+def _check_rng_restored(checkpoint: Path, process_index: int) -> None:
+    """Accelerate's load_state only logs a random state it could not load; a resume that goes on from
+    another RNG state is not exact. Compare the live generators with the file's."""
+    file = checkpoint / f"random_states_{process_index}.pkl"
+    try:
+        states = load_accelerate_file(file)
+        restored = (torch.equal(torch.get_rng_state(), states["torch_manual_seed"])
+                    and random.getstate() == states["random_state"])
+        if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+            restored = restored and all(torch.equal(a, b) for a, b in
+                                        zip(torch.cuda.get_rng_state_all(), states["torch_cuda_manual_seed"],
+                                            strict=True))
+    except Exception as err:  # a damaged or foreign file fails in many ways
+        raise ValueError(f"checkpoint {checkpoint}: the random state {file.name} cannot be restored ({err})") from None
+    if not restored:
+        raise ValueError(f"checkpoint {checkpoint}: the random state {file.name} was not restored")
 
 
 def _grid_shape(config: GPTConfig, dataset: Dataset, grid_shape: tuple[int, int] | None) -> tuple[int, int]:
@@ -368,27 +531,50 @@ class _Loop:
                            f"{metrics['bits_per_code']:.4f} bits per code")
 
     def save(self) -> None:
-        """Write ``checkpoints/step-N`` (model, Accelerate state, trainer state last), keep the newest few."""
+        """Write ``checkpoints/step-N`` (model, Accelerate state, trainer state, the manifest last), keep the
+        newest few. A failed write (disk full, read-only) removes the partial save and leaves the older
+        checkpoints as they were."""
         accelerator = self.accelerator
         final = self.out / runs.CHECKPOINTS_DIR / runs.checkpoint_name(self.step)
         tmp = final.with_name(final.name + ".tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # left over from a kill mid-save
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(self.model).save_pretrained(tmp / runs.MODEL_DIR)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = {"step": self.step, "epoch": self.data.epoch, "position": self.data.position,
-                     "global_batch": self.global_batch, "num_processes": accelerator.num_processes,
-                     "eval_history": self.eval_history}
-            write_json(tmp / runs.STATE, state)
-            replace_dir(tmp, final)
+
+        def failed(err: OSError) -> OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space the older checkpoints do not need
+            return _write_failed(err, f"checkpoint {final.name} in {final.parent} (the older checkpoints are "
+                                      "intact; free space or fix permissions, then resume)")
+
+        def begin() -> None:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)  # left over from a kill mid-save
+                tmp.mkdir(parents=True)
+            except OSError as err:
+                raise failed(err) from None
+
+        def finish() -> None:
+            try:
+                accelerator.unwrap_model(self.model).save_pretrained(tmp / runs.MODEL_DIR)
+                state = {"step": self.step, "epoch": self.data.epoch, "position": self.data.position,
+                         "global_batch": self.global_batch, "num_processes": accelerator.num_processes,
+                         "eval_history": self.eval_history}
+                write_json(tmp / runs.STATE, state)
+                runs.write_manifest(tmp)  # last: it makes the checkpoint complete
+                replace_dir(tmp, final)
+            except OSError as err:
+                raise failed(err) from None
             for _, old in runs.complete_checkpoints(self.out)[:-self.args.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                # Renamed first: a kill mid-delete leaves a `.deleting` folder the next start removes,
+                # never a half-deleted checkpoint.
+                doomed = old.with_name(old.name + ".deleting")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+
+        _on_main(accelerator, begin)
+        try:
+            accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
+        except OSError as err:
+            raise failed(err) from None
         accelerator.wait_for_everyone()
+        _on_main(accelerator, finish)
 
     def write_samples(self, path: Path) -> Path | None:
         """Sample a grid on the main process (one row per class); the others wait. The sampler seeds a
@@ -441,7 +627,7 @@ class _Loop:
 
 def train(
     args: TrainingArguments,
-    model: GPT | GPTConfig,
+    model: GPT | GPTConfig | None,
     train_dataset: Dataset,
     eval_dataset: Dataset | None = None,
     *,
@@ -453,12 +639,20 @@ def train(
     """Train a GPT prior on a code dataset and return where the results are.
 
     ``model`` is a ``GPT``, or a ``GPTConfig`` built after seeding (initial weights depend on
-    ``args.seed`` only). The datasets yield ``codegpt.data`` items; ``eval_dataset`` is scored every
-    ``eval_every`` steps and at the end. ``decode`` turns codes (B, H, W) into images in [0, 1] for
-    the sample grid (default: one coloured cell per code); ``grid_shape`` defaults to the dataset's,
-    else square, else one row; ``accelerator`` defaults to ``make_accelerator(args)``. ``data_record``
-    (JSON-able: the data, codebook and autoencoder the codes decode through, see ``runs.RUN_DATA``) is
-    written into the run folder at the start, so the run's samples and evaluation need no flags.
+    ``args.seed`` only), or None to resume with the checkpoint's own config; a resume with a given
+    model refuses one whose config differs from the checkpoint's. The datasets yield ``codegpt.data``
+    items; ``eval_dataset`` is scored every ``eval_every`` steps and at the end. ``decode`` turns codes
+    (B, H, W) into images in [0, 1] for the sample grid (default: one coloured cell per code);
+    ``grid_shape`` defaults to the dataset's, else square, else one row; ``accelerator`` defaults to
+    ``make_accelerator(args)``. ``data_record`` (JSON-able: the data, codebook and autoencoder the codes
+    decode through, see ``runs.RUN_DATA``) is written into the run folder at the start, so the run's
+    samples and evaluation need no flags.
+
+    Errors, raised before the first step and before anything is written: ``FileExistsError`` when
+    another run holds the folder's lock; ``ValueError`` for a folder that holds a run (unless
+    ``resume`` or ``overwrite_output_dir``), a resume with nothing restorable, a ``max_steps`` the
+    checkpoint has reached, or settings that differ from the run's (all of them listed); ``OSError``
+    naming what could not be written (disk full, read-only), the older checkpoints left intact.
     """
     if not isinstance(args, TrainingArguments):
         raise TypeError(f"args must be a TrainingArguments, got {type(args).__name__}")
@@ -470,14 +664,52 @@ def train(
             f"args.gradient_accumulation_steps ({args.gradient_accumulation_steps})"
             " (make it with make_accelerator(args))"
         )
+    if model is not None and not isinstance(model, (GPT, GPTConfig)):
+        raise TypeError(f"model must be a GPT, a GPTConfig or None (resume: the checkpoint's), got "
+                        f"{type(model).__name__}")
     out = Path(args.output_dir)
-    resume_from = _prepare_output_dir(args, accelerator)
+    lock = _on_main(accelerator, lambda: _take_lock(out))
+    try:
+        return _train(args, accelerator, model, train_dataset, eval_dataset, decode, grid_shape, data_record)
+    finally:
+        if accelerator.is_main_process:
+            runs.release_lock(lock)
+
+
+def _train(args: TrainingArguments, accelerator: Accelerator, model: GPT | GPTConfig | None, train_dataset: Dataset,
+           eval_dataset: Dataset | None, decode: Decoder | None, grid_shape: tuple[int, int] | None,
+           data_record: dict[str, Any] | None) -> TrainResult:
+    """``train`` once the run folder is this process's (locked)."""
+    out = Path(args.output_dir)
+    # mixed_precision=None means what Accelerate is configured with: record what it chose.
+    run_args = {**args.to_dict(), "mixed_precision": accelerator.mixed_precision}
+    given = model.config if isinstance(model, GPT) else model
+
+    def plan() -> tuple[Path | None, dict[str, Any]]:
+        """Where to start, and the record of this start; every check before anything is written."""
+        resume_from = _find_start(args, len(train_dataset), accelerator.print)
+        identity = data_identity(train_dataset)
+        if resume_from is None:
+            return None, {"step": 0, "resumed_from": None, "data": identity}
+        return resume_from, {**_check_resume(args, run_args, resume_from, given, identity), "data": identity}
+
+    resume_from, start = _on_main(accelerator, plan)
+    state = None
+    if resume_from is not None:
+        state = runs.read_trainer_state(resume_from, len(train_dataset))
+        if state["num_processes"] != accelerator.num_processes:
+            raise ValueError(f"resume: {resume_from.name} was saved by {state['num_processes']} processes, this run "
+                             f"has {accelerator.num_processes}; each keeps its own random state, so the resume "
+                             f"would not be exact: launch {state['num_processes']} processes")
+        if model is None:  # the checkpoint's own model, whatever the flags say
+            model = GPTConfig.from_pretrained(resume_from / runs.MODEL_DIR)
+    elif model is None:
+        raise ValueError(f"model: None stands for the checkpoint's model, and {out} has no checkpoint to resume "
+                         "from; pass a GPT or a GPTConfig")
 
     set_seed(args.seed)  # identical initial weights on every process
     if isinstance(model, GPTConfig):
         model = GPT(model)
-    elif not isinstance(model, GPT):
-        raise TypeError(f"model must be a GPT or a GPTConfig, got {type(model).__name__}")
     grid_shape = _grid_shape(model.config, train_dataset, grid_shape)
     model.train()
     if accelerator.device.type == "cpu":
@@ -498,37 +730,50 @@ def train(
     global_batch = sampler.global_batch * args.gradient_accumulation_steps
     step, epoch, position, eval_history = 0, 0, 0, []  # position: samples consumed in the epoch
     if resume_from is not None:  # model, optimizer, scheduler and every RNG, then where the data stopped
-        accelerator.load_state(str(resume_from))
-        state = read_json(resume_from / runs.STATE, "checkpoint")
+        try:
+            accelerator.load_state(str(resume_from))
+        except Exception as err:  # the manifest checked out, yet the state does not load (e.g. another torch)
+            raise ValueError(f"checkpoint {resume_from} cannot be restored: {str(err).splitlines()[0]}") from None
+        _check_rng_restored(resume_from, accelerator.process_index)
         step, epoch, position, eval_history = state["step"], state["epoch"], state["position"], state["eval_history"]
-        if state["global_batch"] != global_batch:
-            accelerator.print(f"warning: the global batch changed since {resume_from.name} ({state['global_batch']} "
-                              f"-> {global_batch}); training goes on from the same sample but will not match the "
-                              "original run")
         accelerator.print(f"resumed from {resume_from} at step {step}")
     else:
         set_seed(args.seed, device_specific=True)  # different dropout on each process, same on every restart
-    if accelerator.is_main_process:
-        # mixed_precision=None means what Accelerate is configured with: record what it chose.
-        write_json(out / runs.TRAINING_ARGS, {**args.to_dict(), "mixed_precision": accelerator.mixed_precision})
-        if data_record is not None:
-            write_json(out / runs.RUN_DATA, data_record)
-        # The log holds this run's evaluations up to where it starts: none, or the checkpoint's
-        # (a run killed after an evaluation but before its next checkpoint repeats that step).
-        runs.write_log(out, eval_history)
 
+    def record() -> None:
+        try:
+            if resume_from is None:  # a new run: its first arguments, kept for good
+                write_json(out / runs.TRAINING_ARGS, run_args)
+            when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            runs.record_start(out, {"time": when, **start, "args": run_args}, fresh=resume_from is None)
+            if data_record is not None:
+                write_json(out / runs.RUN_DATA, data_record)
+            # The log holds this run's evaluations up to where it starts: none, or the checkpoint's
+            # (a run killed after an evaluation but before its next checkpoint repeats that step).
+            runs.write_log(out, eval_history)
+        except OSError as err:
+            raise _write_failed(err, f"the run's records in {out}") from None
+
+    _on_main(accelerator, record)
     data = _DataStream(train_dataset, sampler, args.num_workers, args.seed, epoch, position)
     loop = _Loop(args, accelerator, model, optimizer, scheduler, data, eval_dataset, step, eval_history, global_batch,
                  grid_shape, decode)
     loop.run()
 
     model_dir = out / runs.MODEL_DIR
-    if accelerator.is_main_process:
+
+    def save_model() -> None:
         tmp = out / f"{runs.MODEL_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp)
-        replace_dir(tmp, model_dir)
-    accelerator.wait_for_everyone()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            accelerator.unwrap_model(model).save_pretrained(tmp)
+            runs.write_manifest(tmp)
+            replace_dir(tmp, model_dir)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_failed(err, f"the final model {model_dir} (the checkpoints are intact)") from None
+
+    _on_main(accelerator, save_model)
     samples = loop.write_samples(out / runs.SAMPLES)
     remove_cpu_kernels(accelerator.unwrap_model(model))  # the caller's model as it came, plain modules
     return TrainResult(out, model_dir, loop.step, resume_from, eval_history, samples)

@@ -103,7 +103,9 @@ def test_train_runs_and_refuses_to_mix_runs_without_resume(small_dataset, tmp_pa
     assert "held-out:" in capsys.readouterr().out
     assert main(argv) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main([*argv, "--resume"]) == 0
+    assert main([*argv, "--resume"]) == 2  # the run is at step 2 already: nothing to do is an error
+    assert "already at step 2" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--steps", "3"]) == 0
 
 
 def test_train_leaves_the_precision_to_accelerate_unless_given():

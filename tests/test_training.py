@@ -221,13 +221,19 @@ def test_checkpoints_keep_the_last_k_and_half_written_ones_are_never_picked(tmp_
     # Without --resume an existing run is not silently mixed with a new one.
     with pytest.raises(ValueError, match="resume"):
         train(tiny_args(out, max_steps=6, save_every=2), tiny_config(dataset, **DROPOUT), dataset)
-    # Resuming a finished run does no steps and keeps its weights.
+    # Resuming a finished run to the step it reached is refused (not a silent no-op) and keeps its weights
+    # and its records.
     before = load_file(out / "model" / "model.safetensors")
-    result = train(tiny_args(out, max_steps=6, save_every=2, resume=True), tiny_config(dataset, **DROPOUT), dataset)
-    assert result.step == 6 and result.resumed_from == newest
+    records = {name: (out / name).read_bytes() for name in ("training_args.json", "starts.jsonl", "log.jsonl")}
+    with pytest.raises(ValueError, match=r"max_steps 6 .* already at step 6"):
+        train(tiny_args(out, max_steps=6, save_every=2, resume=True), tiny_config(dataset, **DROPOUT), dataset)
     after = load_file(out / "model" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert records == {name: (out / name).read_bytes() for name in records}
     assert not (ckpts / "step-000008.tmp").exists()  # leftovers of cut-short saves are cleared
+    # With more steps it goes on from the newest complete checkpoint.
+    result = train(tiny_args(out, max_steps=8, save_every=2, resume=True), tiny_config(dataset, **DROPOUT), dataset)
+    assert result.step == 8 and result.resumed_from == newest
 
 
 KILL_SCRIPT = textwrap.dedent(
