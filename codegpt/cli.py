@@ -70,7 +70,9 @@ from .images import (
     source_from_record,
 )
 from .runs import (
+    CHECKPOINTS_DIR,
     MODEL_DIR,
+    TRAINING_ARGS,
     load_model,
     newest_checkpoint,
     read_training_args,
@@ -78,6 +80,7 @@ from .runs import (
     resolve_run,
     sample_classes,
     save_image_grid,
+    verify_run,
 )
 from .training import TrainingArguments, check_compatible, config_for, train
 
@@ -1013,16 +1016,20 @@ def _run_verify(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     if not folder.is_dir():
         raise CLIError(f"DIR: no such folder {str(folder)!r}")
-    # What the folder is, by the file its writer puts last. (A run folder is one more branch.)
+    # What the folder is, by the file its writer puts last.
     if (folder / METADATA_NAME).is_file():
         lines = [_verify_dataset(folder)]
     elif (folder / ENCODING_NAME).is_file():
         lines = _verify_encoding(folder)
     elif (folder / "config.json").is_file() and "num_codes" in read_json(folder / "config.json", "DIR"):
         lines = [_verify_codebook(folder)]
+    elif (folder / TRAINING_ARGS).is_file() or (folder / CHECKPOINTS_DIR).is_dir():
+        with _user_errors("DIR: "):
+            lines = [f"{checked}: manifest, SHA-256 and weights as written" for checked in verify_run(folder)]
     else:
         raise CLIError(f"DIR: {str(folder)!r} is not a code dataset ({METADATA_NAME}), an encoding "
-                       f"({ENCODING_NAME}) or a codebook (config.json with num_codes)")
+                       f"({ENCODING_NAME}), a codebook (config.json with num_codes) or a training run "
+                       f"({TRAINING_ARGS}, {CHECKPOINTS_DIR}/)")
     for line in lines:
         _print(f"intact: {line}")
     return 0
@@ -1231,14 +1238,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pin", action="store_true", help="do not pin the card's snippets to the upload commit")
 
     p = _command(
-        sub, "verify", _run_verify, "check that a code dataset, an encoding or a codebook is intact (sizes, SHA-256)",
+        sub, "verify", _run_verify,
+        "check that a code dataset, an encoding, a codebook or a training run is intact (sizes, SHA-256)",
         "Read every byte of DIR and compare it with what its writer recorded: a code dataset (dataset.json: each "
         "shard's size and SHA-256, then every code and label in range), an encoding (its codebook, train/ and "
-        "val/) or a codebook (config.json: the weights' size and SHA-256, then finite centroids of the recorded "
-        "shape). Prints what it checked and exits 0 when intact; one line naming the damaged file and exit 2 "
-        "when not.",
+        "val/), a codebook (config.json: the weights' size and SHA-256, then finite centroids of the recorded "
+        "shape) or a training run (every checkpoint and model/ against its manifest.json, trainer state, "
+        "weights against config). Prints what it checked and exits 0 when intact; one line naming the damaged "
+        "file and exit 2 when not.",
     )
-    p.add_argument("dir", metavar="DIR", help="a code dataset, encoding or codebook folder")
+    p.add_argument("dir", metavar="DIR", help="a code dataset, encoding, codebook or training run folder")
     return parser
 
 

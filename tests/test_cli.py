@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -354,6 +355,21 @@ def test_verify_says_what_it_checked_and_names_the_damage(encoded_run, small_dat
 
     assert main(["verify", str(tmp_path)]) == 2
     assert "is not a code dataset" in capsys.readouterr().err
+
+
+def test_verify_checks_a_training_run_and_names_a_damaged_checkpoint(encoded_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(encoded_run / "run", run)
+    assert main(["verify", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("intact: ") == 2 and "step-000003" in out and str(run / "model") in out  # checkpoint + model
+    weights = run / "checkpoints" / "step-000003" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 1  # a weight's low bits: the file still parses
+    weights.write_bytes(bytes(data))
+    assert main(["verify", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step-000003" in err and "SHA-256" in err
 
 
 def test_verify_of_a_dataset_without_records_says_it_cannot_tell(small_dataset, capsys):
