@@ -140,23 +140,10 @@ class Codebook(
         return codebook
 
     @classmethod
-    def fit(
-        cls,
-        data: Batches,
-        num_codes: int,
-        *,
-        metric: str = "euclidean",
-        batch_size: int = 4096,
-        max_epochs: int = 100,
-        tol: float = 1e-4,
-        init: torch.Tensor | None = None,
-        init_size: int | None = None,
-        reseed_after: int = 10,
-        seed: int | None = None,
-        device: torch.device | str | None = None,
-        description: str = "",
-        progress: bool = True,
-    ) -> Codebook:
+    def fit(cls, data: Batches, num_codes: int, *, metric: str = "euclidean", batch_size: int = 4096,
+            max_epochs: int = 100, tol: float = 1e-4, init: torch.Tensor | None = None, init_size: int | None = None,
+            reseed_after: int = 10, seed: int | None = None, device: torch.device | str | None = None,
+            description: str = "", progress: bool = True) -> Codebook:
         """Fit `num_codes` centroids to `data` with mini-batch k-means; `fit_info` (a `FitInfo`) says how it went.
 
         Args:
@@ -295,16 +282,9 @@ class Codebook(
         _check_finite("vectors", vectors)
         return vectors
 
-    def save_pretrained(  # type: ignore[override]
-        self,
-        save_directory: str | Path,
-        *,
-        config: dict | None = None,
-        repo_id: str | None = None,
-        push_to_hub: bool = False,
-        model_card_kwargs: dict[str, Any] | None = None,
-        **push_to_hub_kwargs: Any,
-    ) -> str | None:
+    def save_pretrained(self, save_directory: str | Path, *, config: dict | None = None,  # type: ignore[override]
+                        repo_id: str | None = None, push_to_hub: bool = False,
+                        model_card_kwargs: dict[str, Any] | None = None, **push_to_hub_kwargs: Any) -> str | None:
         """Save `model.safetensors`, `config.json` and (if absent) a README model card.
 
         Each file is written atomically (a temporary file renamed into place), config last with the
@@ -342,19 +322,11 @@ class Codebook(
         save_safetensors(Path(save_directory) / WEIGHTS_NAME, centroids, metadata={"format": FORMAT})
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike[str],
-        *,
-        subfolder: str | None = None,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-        map_location: str | torch.device = "cpu",
-        verify: bool = False,
-    ) -> Codebook:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *,  # type: ignore[override]
+                        subfolder: str | None = None, revision: str | None = None,
+                        cache_dir: str | os.PathLike[str] | None = None, force_download: bool = False,
+                        local_files_only: bool = False, token: str | bool | None = None,
+                        map_location: str | torch.device = "cpu", verify: bool = False) -> Codebook:
         """Load a saved codebook from a folder or a Hub repo id: safetensors only, never a pickle.
 
         `subfolder` is the codebook's folder inside the repo or folder (`codegpt push` ships a
@@ -370,10 +342,8 @@ class Codebook(
                 if not os.path.isfile(os.path.join(where, filename)):
                     raise FileNotFoundError(f"{where}: no {filename}; not a saved Codebook")
                 return os.path.join(where, filename)
-            return hf_hub_download(
-                source, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
-                force_download=force_download, local_files_only=local_files_only, token=token,
-            )
+            return hf_hub_download(source, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                   force_download=force_download, local_files_only=local_files_only, token=token)
 
         config_file = fetch(CONFIG_NAME)
         config = read_json(config_file, "pretrained_model_name_or_path")
@@ -505,9 +475,8 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> to
     return centroids
 
 
-def _update(x: torch.Tensor, codes: torch.Tensor, dist: torch.Tensor, centroids: torch.Tensor,
-            counts: torch.Tensor, idle: torch.Tensor, reseed_after: int,
-            generator: torch.Generator, metric: str) -> int:
+def _update(x: torch.Tensor, codes: torch.Tensor, dist: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor,
+            idle: torch.Tensor, reseed_after: int, generator: torch.Generator, metric: str) -> int:
     """One mini-batch step in place (Sculley 2010); returns how many dead codes were re-seeded."""
     k = centroids.shape[0]
     batch_counts = torch.bincount(codes, minlength=k).to(centroids.dtype)
