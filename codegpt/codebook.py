@@ -120,11 +120,7 @@ class Codebook(
         if seed is not None:
             check_int("seed", seed, low=0)
         _check_description(description)
-        self.num_codes = num_codes
-        self.dim = dim
-        self.metric = metric
-        self.seed = seed
-        self.description = description
+        self.num_codes, self.dim, self.metric, self.seed, self.description = num_codes, dim, metric, seed, description
         self.fit_info: FitInfo | None = None
         self.register_buffer("centroids", torch.zeros(num_codes, dim))
 

@@ -15,14 +15,10 @@ when the writer was told (`metadata`): `autoencoder` (its spec, see `codegpt.aut
 the smallest integer type that holds their range (uint8, int16, then int32: 16x16 codes of a 1024-code
 codebook take 512 bytes per image); readers accept any 8-64-bit integer type, so other tools' shards load.
 
-Opening a dataset validates every shard's header, tensors and values in one streaming pass, chunk by chunk,
-so memory stays bounded however large the set, and checks each shard's size against its record;
-`verify=True` (and `codegpt verify DIR`) also checks the SHA-256 digests, which catches a flipped bit that
-leaves every value in range. Items are then read lazily through memory maps opened on first use in each
-process (DataLoader workers map their own).
-
-A writer builds the whole dataset in a hidden folder beside `path` and swaps it in only when complete, so
-a failure or a kill partway leaves the old dataset (if any) as it was.
+Opening a dataset validates it (`CodeDataset`) in one streaming pass, chunk by chunk, so memory stays bounded
+however large the set; `verify=True` (and `codegpt verify DIR`) also checks the SHA-256 digests, which catches a
+flipped bit that leaves every value in range. Items are then read lazily through memory maps opened on first use
+in each process (DataLoader workers map their own). `CodeDatasetWriter` swaps a dataset in only when complete.
 
 Items follow the model's token convention: for a codebook of size K, `input_ids` = [K, c_1, ..., c_N]
 (K is the start token, codes row-major, N = H*W), `labels` = `input_ids` with `labels[0] = -100` (the model
@@ -566,7 +562,10 @@ def _validate_shard(file: Path, num_items: int, first_item: int, meta: dict[str,
             names = set(handle.keys())
     except SafetensorError as err:
         raise ValueError(f"{file} is not a valid safetensors file (truncated or foreign?): {err}") from None
-    header_len, header = _read_header(file)
+    # safe_open has validated the header; its byte layout is needed for the memory maps.
+    with open(file, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_len))
     grid = meta["grid"]
     wanted = ["codes"] + (["labels"] if meta["num_classes"] > 0 else [])
     for name in wanted:
@@ -601,13 +600,6 @@ def _validate_shard(file: Path, num_items: int, first_item: int, meta: dict[str,
         labels = raw.astype(np.int64)
         _check_range(labels.reshape(-1, 1), meta["num_classes"], "label", where, first_item)
     return codes_offset, codes_dtype, labels
-
-
-def _read_header(file: Path) -> tuple[int, dict[str, Any]]:
-    # safe_open has already validated the header; its byte layout is needed for the memory maps.
-    with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return length, json.loads(handle.read(length))
 
 
 def _check_range(values: Any, size: int, what: str, where: str, first_item: int,

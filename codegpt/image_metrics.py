@@ -29,14 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "FeatureNet",
-    "fid",
-    "image_metrics",
-    "reconstruction_metrics",
-    "standard_inception_available",
-    "train_feature_net",
-]
+__all__ = ["FeatureNet", "fid", "image_metrics", "reconstruction_metrics", "standard_inception_available",
+           "train_feature_net"]
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception
 
@@ -73,18 +67,6 @@ class FeatureNet(nn.Module):
         if self.head is None:
             raise ValueError("this FeatureNet has no classifier (num_classes=0)")
         return self.head(self(images))
-
-
-class _Logits(nn.Module):
-    """A FeatureNet's classifier as the module that InceptionScore calls."""
-
-    def __init__(self, net: FeatureNet) -> None:
-        super().__init__()
-        self.net = net
-        self.num_features = net.num_classes
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.logits(images)
 
 
 def train_feature_net(images: torch.Tensor, labels: torch.Tensor, *, num_features: int = 64, steps: int = 600,
@@ -147,7 +129,7 @@ def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> 
     if isinstance(images, torch.Tensor):
         if images.ndim != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
-        return (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+        return images.split(batch_size)
     return images
 
 
@@ -179,7 +161,7 @@ def image_metrics(real: torch.Tensor | Iterable[torch.Tensor], fake: torch.Tenso
             if standard:
                 metrics["is"] = InceptionScore(normalize=True)
             elif isinstance(module, FeatureNet) and module.head is not None:
-                metrics["is"] = InceptionScore(feature=_Logits(module))
+                metrics["is"] = InceptionScore(feature=nn.Sequential(module, module.head))  # calls it for logits
     counts = {"real": 0, "fake": 0}
     for name, images in (("real", real), ("fake", fake)):
         for batch in _batches(images, batch_size):
