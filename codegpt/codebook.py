@@ -295,8 +295,7 @@ class Codebook(
             **(config or {}), "format": FORMAT, "format_version": FORMAT_VERSION, "num_codes": self.num_codes,
             "dim": self.dim, "metric": self.metric, "seed": self.seed, "description": self.description,
         }
-        if self.fit_info is not None:
-            info = self.fit_info
+        if (info := self.fit_info) is not None:
             full_config["fit"] = {"epochs": info.epochs, "converged": info.converged, "mse": (info.mse or [None])[-1]}
         # The weights go to a scratch folder first: `_save_pretrained` is the mixin's hook and
         # may be any writer; only a finished file is moved over the old one.
@@ -360,8 +359,7 @@ class Codebook(
             raise ValueError(f"{weights} holds {found}, not one floating-point tensor 'centroids' of shape "
                              f"(num_codes, dim) = {shape} as {CONFIG_NAME} says")
         _check_finite(f"{weights}: centroids", centroids)
-        files = config.get("files")
-        if files is not None:
+        if (files := config.get("files")) is not None:
             if not isinstance(files, dict) or set(files) != {WEIGHTS_NAME}:
                 raise ValueError(f"{config_file}: files must record {WEIGHTS_NAME} alone, got {files!r}")
             check_file_records(Path(weights).parent, files, config_file, hashes=verify)

@@ -621,19 +621,15 @@ def _check_range(values: Any, size: int, what: str, where: str, first_item: int,
     raise ValueError(f"{place}: {what} {value}{position} outside [0, {size})")
 
 
-def _check_vocabulary(name: str, value: Any, low: int) -> int:
-    check_int(name, value, low=low)
-    if value > MAX_VOCABULARY:
+def _check_vocabulary(name: str, value: Any, low: int) -> None:
+    if check_int(name, value, low=low) > MAX_VOCABULARY:
         raise ValueError(f"{name} {value} is absurd: more than {MAX_VOCABULARY} (2**24)")
-    return value
 
 
 def _check_grid(grid: Any) -> tuple[int, int]:
     if not isinstance(grid, (list, tuple)) or len(grid) != 2:
         raise ValueError(f"grid must be (H, W), got {grid!r}")
-    for value in grid:
-        check_int("grid", value, low=1)
-    return int(grid[0]), int(grid[1])
+    return check_int("grid", grid[0], low=1), check_int("grid", grid[1], low=1)
 
 
 def _check_class_names(names: Any, num_classes: int) -> list[str] | None:

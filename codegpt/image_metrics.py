@@ -46,15 +46,14 @@ class FeatureNet(nn.Module):
     def __init__(self, channels: int = 1, num_features: int = 64, num_classes: int = 0, width: int = 32,
                  seed: int = 0) -> None:
         super().__init__()
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)  # the network is part of the metric: the same seed, the same network
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(2 * width, num_features, 3, stride=2, padding=1), nn.GELU(),
-        )
-        self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else None
-        torch.random.set_rng_state(generator_state)
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+            torch.manual_seed(seed)  # the network is part of the metric: the same seed, the same network
+            self.body = nn.Sequential(
+                nn.Conv2d(channels, width, 3, padding=1), nn.GELU(),
+                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
+                nn.Conv2d(2 * width, num_features, 3, stride=2, padding=1), nn.GELU(),
+            )
+            self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else None
         self.channels = channels
         self.num_features = num_features  # torchmetrics reads this instead of probing a 299x299 image
         self.num_classes = num_classes
@@ -212,9 +211,7 @@ def reconstruction_metrics(images: torch.Tensor, autoencoder: Any, codebook: Any
         through_codes.append(decode_codes(codebook.encode(latents), codebook, autoencoder))
     ae, codes = torch.cat(through_ae), torch.cat(through_codes)
     images = images.float()
-    ae_fid = image_metrics(images, ae, feature, kid=False, inception_score=False)
-    codes_fid = image_metrics(images, codes, feature, kid=False, inception_score=False)
     return {"mse_autoencoder": float((ae - images).pow(2).mean()),
             "mse_codebook": float((codes - images).pow(2).mean()),
-            "fid_autoencoder": ae_fid["fid"], "fid_codebook": codes_fid["fid"],
-            "feature_network": ae_fid["feature_network"], "num_images": len(images)}
+            "fid_autoencoder": fid(images, ae, feature), "fid_codebook": fid(images, codes, feature),
+            "feature_network": _feature(feature)[1], "num_images": len(images)}
