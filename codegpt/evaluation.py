@@ -145,10 +145,8 @@ def digit_judge_accuracy(judge: Any, codebook: Any, images: torch.Tensor, labels
     """The judge's accuracy on real digits (N, 8, 8) and on the same digits passed through the patch
     codebook (encode, decode): how far its verdicts on decoded samples can be trusted."""
     reconstructed = codes_to_images(codebook, codebook.encode(patchify(images, patch)), patch=patch)
-    return {
-        "judge_accuracy_real": class_consistency(judge, images, labels),
-        "judge_accuracy": class_consistency(judge, reconstructed, labels),
-    }
+    return {"judge_accuracy_real": class_consistency(judge, images, labels),
+            "judge_accuracy": class_consistency(judge, reconstructed, labels)}
 
 
 def fit_image_judge(train_part: Dataset, to_pixels: Any, seed: int = 0, max_items: int = 2000):
