@@ -90,12 +90,8 @@ class CodebookStats:
     num_vectors: int
 
 
-class Codebook(
-    torch.nn.Module,
-    PyTorchModelHubMixin,
-    library_name="codegpt",
-    tags=["codegpt", "codebook", "vector-quantization", "k-means"],
-):
+class Codebook(torch.nn.Module, PyTorchModelHubMixin, library_name="codegpt",
+               tags=["codegpt", "codebook", "vector-quantization", "k-means"]):
     """`num_codes` centroids of dimension `dim`; code i is the index of centroid i.
 
     Args:
@@ -110,9 +106,8 @@ class Codebook(
 
     centroids: torch.Tensor
 
-    def __init__(
-        self, num_codes: int, dim: int, metric: str = "euclidean", seed: int | None = None, description: str = ""
-    ) -> None:
+    def __init__(self, num_codes: int, dim: int, metric: str = "euclidean", seed: int | None = None,
+                 description: str = "") -> None:
         super().__init__()
         check_int("num_codes", num_codes, low=1)
         check_int("dim", dim, low=1)

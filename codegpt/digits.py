@@ -59,8 +59,7 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
 
 def unpatchify(vectors: torch.Tensor, patch: int) -> torch.Tensor:
     """Inverse of `patchify`: (N, h, w, p*p) -> images (N, h*p, w*p)."""
-    if not isinstance(vectors, torch.Tensor):
-        raise TypeError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
+    vectors = torch.as_tensor(vectors)
     check_int("patch", patch, low=1)
     if vectors.ndim != 4 or vectors.shape[-1] != patch * patch:
         raise ValueError(f"vectors must have shape (N, h, w, {patch * patch}) for patch={patch}, "

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ._util import check_float
 from .digits import codes_to_images, patchify
 from .modeling_codegpt import GPT
 from .runs import sample_classes
@@ -50,8 +51,7 @@ def independent_baseline_bits(train_codes: torch.Tensor, train_classes: torch.Te
     if train_codes.dim() != 2 or eval_codes.dim() != 2 or train_codes.shape[1] != eval_codes.shape[1]:
         raise ValueError("train_codes and eval_codes must both be (N, seq_len) with the same seq_len, got "
                          f"{tuple(train_codes.shape)} and {tuple(eval_codes.shape)}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0 (add-alpha smoothing), got {alpha}")
+    check_float("alpha", alpha, 0.0, low_open=True)
     L = train_codes.shape[1]
     conditional = num_classes > 0 and train_classes is not None and eval_classes is not None
     C = num_classes if conditional else 1
