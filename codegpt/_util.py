@@ -192,15 +192,8 @@ def check_int(name: str, value: object, low: int | None = None, high: int | None
     return value
 
 
-def check_float(
-    name: str,
-    value: object,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
+def check_float(name: str, value: object, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False) -> float:
     """A finite real number (ints accepted, bools not) within the bounds; returned as a float."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
     ok = ok and math.isfinite(value)

@@ -90,12 +90,8 @@ class CodebookStats:
     num_vectors: int
 
 
-class Codebook(
-    torch.nn.Module,
-    PyTorchModelHubMixin,
-    library_name="codegpt",
-    tags=["codegpt", "codebook", "vector-quantization", "k-means"],
-):
+class Codebook(torch.nn.Module, PyTorchModelHubMixin, library_name="codegpt",
+               tags=["codegpt", "codebook", "vector-quantization", "k-means"]):
     """`num_codes` centroids of dimension `dim`; code i is the index of centroid i.
 
     Args:
@@ -110,9 +106,8 @@ class Codebook(
 
     centroids: torch.Tensor
 
-    def __init__(
-        self, num_codes: int, dim: int, metric: str = "euclidean", seed: int | None = None, description: str = ""
-    ) -> None:
+    def __init__(self, num_codes: int, dim: int, metric: str = "euclidean", seed: int | None = None,
+                 description: str = "") -> None:
         super().__init__()
         check_int("num_codes", num_codes, low=1)
         check_int("dim", dim, low=1)
@@ -120,11 +115,7 @@ class Codebook(
         if seed is not None:
             check_int("seed", seed, low=0)
         _check_description(description)
-        self.num_codes = num_codes
-        self.dim = dim
-        self.metric = metric
-        self.seed = seed
-        self.description = description
+        self.num_codes, self.dim, self.metric, self.seed, self.description = num_codes, dim, metric, seed, description
         self.fit_info: FitInfo | None = None
         self.register_buffer("centroids", torch.zeros(num_codes, dim))
 
@@ -140,23 +131,10 @@ class Codebook(
         return codebook
 
     @classmethod
-    def fit(
-        cls,
-        data: Batches,
-        num_codes: int,
-        *,
-        metric: str = "euclidean",
-        batch_size: int = 4096,
-        max_epochs: int = 100,
-        tol: float = 1e-4,
-        init: torch.Tensor | None = None,
-        init_size: int | None = None,
-        reseed_after: int = 10,
-        seed: int | None = None,
-        device: torch.device | str | None = None,
-        description: str = "",
-        progress: bool = True,
-    ) -> Codebook:
+    def fit(cls, data: Batches, num_codes: int, *, metric: str = "euclidean", batch_size: int = 4096,
+            max_epochs: int = 100, tol: float = 1e-4, init: torch.Tensor | None = None, init_size: int | None = None,
+            reseed_after: int = 10, seed: int | None = None, device: torch.device | str | None = None,
+            description: str = "", progress: bool = True) -> Codebook:
         """Fit `num_codes` centroids to `data` with mini-batch k-means; `fit_info` (a `FitInfo`) says how it went.
 
         Args:
@@ -295,16 +273,9 @@ class Codebook(
         _check_finite("vectors", vectors)
         return vectors
 
-    def save_pretrained(  # type: ignore[override]
-        self,
-        save_directory: str | Path,
-        *,
-        config: dict | None = None,
-        repo_id: str | None = None,
-        push_to_hub: bool = False,
-        model_card_kwargs: dict[str, Any] | None = None,
-        **push_to_hub_kwargs: Any,
-    ) -> str | None:
+    def save_pretrained(self, save_directory: str | Path, *, config: dict | None = None,  # type: ignore[override]
+                        repo_id: str | None = None, push_to_hub: bool = False,
+                        model_card_kwargs: dict[str, Any] | None = None, **push_to_hub_kwargs: Any) -> str | None:
         """Save `model.safetensors`, `config.json` and (if absent) a README model card.
 
         Each file is written atomically (a temporary file renamed into place), config last with the
@@ -319,8 +290,7 @@ class Codebook(
             **(config or {}), "format": FORMAT, "format_version": FORMAT_VERSION, "num_codes": self.num_codes,
             "dim": self.dim, "metric": self.metric, "seed": self.seed, "description": self.description,
         }
-        if self.fit_info is not None:
-            info = self.fit_info
+        if (info := self.fit_info) is not None:
             full_config["fit"] = {"epochs": info.epochs, "converged": info.converged, "mse": (info.mse or [None])[-1]}
         # The weights go to a scratch folder first: `_save_pretrained` is the mixin's hook and
         # may be any writer; only a finished file is moved over the old one.
@@ -342,19 +312,11 @@ class Codebook(
         save_safetensors(Path(save_directory) / WEIGHTS_NAME, centroids, metadata={"format": FORMAT})
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike[str],
-        *,
-        subfolder: str | None = None,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-        map_location: str | torch.device = "cpu",
-        verify: bool = False,
-    ) -> Codebook:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *,  # type: ignore[override]
+                        subfolder: str | None = None, revision: str | None = None,
+                        cache_dir: str | os.PathLike[str] | None = None, force_download: bool = False,
+                        local_files_only: bool = False, token: str | bool | None = None,
+                        map_location: str | torch.device = "cpu", verify: bool = False) -> Codebook:
         """Load a saved codebook from a folder or a Hub repo id: safetensors only, never a pickle.
 
         `subfolder` is the codebook's folder inside the repo or folder (`codegpt push` ships a
@@ -370,10 +332,8 @@ class Codebook(
                 if not os.path.isfile(os.path.join(where, filename)):
                     raise FileNotFoundError(f"{where}: no {filename}; not a saved Codebook")
                 return os.path.join(where, filename)
-            return hf_hub_download(
-                source, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
-                force_download=force_download, local_files_only=local_files_only, token=token,
-            )
+            return hf_hub_download(source, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                   force_download=force_download, local_files_only=local_files_only, token=token)
 
         config_file = fetch(CONFIG_NAME)
         config = read_json(config_file, "pretrained_model_name_or_path")
@@ -394,8 +354,7 @@ class Codebook(
             raise ValueError(f"{weights} holds {found}, not one floating-point tensor 'centroids' of shape "
                              f"(num_codes, dim) = {shape} as {CONFIG_NAME} says")
         _check_finite(f"{weights}: centroids", centroids)
-        files = config.get("files")
-        if files is not None:
+        if (files := config.get("files")) is not None:
             if not isinstance(files, dict) or set(files) != {WEIGHTS_NAME}:
                 raise ValueError(f"{config_file}: files must record {WEIGHTS_NAME} alone, got {files!r}")
             check_file_records(Path(weights).parent, files, config_file, hashes=verify)
@@ -505,9 +464,8 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> to
     return centroids
 
 
-def _update(x: torch.Tensor, codes: torch.Tensor, dist: torch.Tensor, centroids: torch.Tensor,
-            counts: torch.Tensor, idle: torch.Tensor, reseed_after: int,
-            generator: torch.Generator, metric: str) -> int:
+def _update(x: torch.Tensor, codes: torch.Tensor, dist: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor,
+            idle: torch.Tensor, reseed_after: int, generator: torch.Generator, metric: str) -> int:
     """One mini-batch step in place (Sculley 2010); returns how many dead codes were re-seeded."""
     k = centroids.shape[0]
     batch_counts = torch.bincount(codes, minlength=k).to(centroids.dtype)

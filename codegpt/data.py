@@ -15,14 +15,10 @@ when the writer was told (`metadata`): `autoencoder` (its spec, see `codegpt.aut
 the smallest integer type that holds their range (uint8, int16, then int32: 16x16 codes of a 1024-code
 codebook take 512 bytes per image); readers accept any 8-64-bit integer type, so other tools' shards load.
 
-Opening a dataset validates every shard's header, tensors and values in one streaming pass, chunk by chunk,
-so memory stays bounded however large the set, and checks each shard's size against its record;
-`verify=True` (and `codegpt verify DIR`) also checks the SHA-256 digests, which catches a flipped bit that
-leaves every value in range. Items are then read lazily through memory maps opened on first use in each
-process (DataLoader workers map their own).
-
-A writer builds the whole dataset in a hidden folder beside `path` and swaps it in only when complete, so
-a failure or a kill partway leaves the old dataset (if any) as it was.
+Opening a dataset validates it (`CodeDataset`) in one streaming pass, chunk by chunk, so memory stays bounded
+however large the set; `verify=True` (and `codegpt verify DIR`) also checks the SHA-256 digests, which catches a
+flipped bit that leaves every value in range. Items are then read lazily through memory maps opened on first use
+in each process (DataLoader workers map their own). `CodeDatasetWriter` swaps a dataset in only when complete.
 
 Items follow the model's token convention: for a codebook of size K, `input_ids` = [K, c_1, ..., c_N]
 (K is the start token, codes row-major, N = H*W), `labels` = `input_ids` with `labels[0] = -100` (the model
@@ -41,7 +37,6 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -55,6 +50,7 @@ from ._util import (
     check_format,
     check_int,
     file_record,
+    jsonable,
     replace_dir,
     save_safetensors,
     write_json,
@@ -126,19 +122,10 @@ class CodeDatasetWriter:
             untouched). A folder holding anything but a code dataset's files is never replaced.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        codebook_size: int,
-        num_classes: int = 0,
-        class_names: list[str] | tuple[str, ...] | None = None,
-        grid: tuple[int, int] | None = None,
-        shard_size: int = DEFAULT_SHARD_SIZE,
-        description: str = "",
-        overwrite: bool = False,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, codebook_size: int, num_classes: int = 0,
+                 class_names: list[str] | tuple[str, ...] | None = None, grid: tuple[int, int] | None = None,
+                 shard_size: int = DEFAULT_SHARD_SIZE, description: str = "", overwrite: bool = False,
+                 metadata: dict[str, Any] | None = None) -> None:
         _check_vocabulary("codebook_size", codebook_size, low=1)
         extra = dict(metadata or {})
         clash = sorted(set(extra) & _FORMAT_KEYS)
@@ -159,9 +146,7 @@ class CodeDatasetWriter:
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"{self.path} exists and is not a folder")
         if (self.path / METADATA_NAME).exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.path} already holds a code dataset; pass overwrite=True to replace it"
-            )
+            raise FileExistsError(f"{self.path} already holds a code dataset; pass overwrite=True to replace it")
         # The swap at close replaces the whole folder: never one that holds anything else.
         foreign = sorted(p.name for p in self.path.iterdir() if p.name != METADATA_NAME
                          and not _SHARD_RE.fullmatch(p.name) and not _WRITE_LEFTOVER_RE.fullmatch(p.name)
@@ -173,12 +158,8 @@ class CodeDatasetWriter:
         _remove_dead_work(self.path)
         self._work = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         self._work.mkdir()
-        self.codebook_size = codebook_size
-        self.num_classes = num_classes
-        self.grid = grid
-        self.shard_size = shard_size
-        self.description = description
-        self.metadata = extra
+        self.codebook_size, self.num_classes, self.grid, self.shard_size = codebook_size, num_classes, grid, shard_size
+        self.description, self.metadata = description, extra
         self.codes_dtype = storage_dtype(codebook_size)
         self.labels_dtype = storage_dtype(num_classes) if num_classes > 0 else None
         self.shards: list[dict[str, Any]] = []
@@ -191,15 +172,13 @@ class CodeDatasetWriter:
     def __enter__(self) -> CodeDatasetWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if exc_type is None:
             self.close()
         else:
             self.abort()
 
-    def add(self, codes: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None
-            ) -> None:
+    def add(self, codes: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None) -> None:
         """Append items: codes (n, H, W) in [0, codebook_size), labels (n,) in [0, num_classes)."""
         if self._closed:
             raise RuntimeError("this CodeDatasetWriter is closed")
@@ -209,9 +188,7 @@ class CodeDatasetWriter:
         if self.grid is None:
             self.grid = _check_grid(tuple(codes.shape[1:]))
         if tuple(codes.shape[1:]) != self.grid:
-            raise ValueError(
-                f"codes have grid {tuple(codes.shape[1:])}, the dataset's grid is {self.grid}"
-            )
+            raise ValueError(f"codes have grid {tuple(codes.shape[1:])}, the dataset's grid is {self.grid}")
         n = codes.shape[0]
         _check_range(codes.reshape(n, -1), self.codebook_size, "code",
                      "codes row {row} (item {item})", self.num_items, grid=self.grid)
@@ -221,10 +198,9 @@ class CodeDatasetWriter:
         if labels is not None:
             labels = as_tensor("labels", labels, integer=True).cpu()
             if tuple(labels.shape) != (n,):
-                raise ValueError(f"labels must have shape ({n},) to match codes, "
-                                 f"got {tuple(labels.shape)}")
-            _check_range(labels.reshape(n, 1), self.num_classes, "label",
-                         "labels row {row} (item {item})", self.num_items)
+                raise ValueError(f"labels must have shape ({n},) to match codes, got {tuple(labels.shape)}")
+            _check_range(labels.reshape(n, 1), self.num_classes, "label", "labels row {row} (item {item})",
+                         self.num_items)
             labels = labels.to(self.labels_dtype, copy=True)
         if n == 0:
             return
@@ -269,13 +245,11 @@ class CodeDatasetWriter:
         return self.path
 
     def _write_metadata(self) -> None:
-        codes_dtype, labels_dtype = (None if dtype is None else str(dtype).removeprefix("torch.")
-                                     for dtype in (self.codes_dtype, self.labels_dtype))
         write_json(self._work / METADATA_NAME, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "codebook_size": self.codebook_size,
             "grid": list(self.grid), "num_classes": self.num_classes, "class_names": self.class_names,  # type: ignore
-            "num_items": self.num_items, "description": self.description, "codes_dtype": codes_dtype,
-            "labels_dtype": labels_dtype, "shards": self.shards, **self.metadata,
+            "num_items": self.num_items, "description": self.description, "codes_dtype": jsonable(self.codes_dtype),
+            "labels_dtype": jsonable(self.labels_dtype), "shards": self.shards, **self.metadata,
         })
 
     def abort(self) -> None:
@@ -300,19 +274,10 @@ def _remove_dead_work(path: Path) -> None:
             pass  # alive under another user, or no way to tell here: leave it
 
 
-def write_code_dataset(
-    path: str | os.PathLike[str],
-    codes: torch.Tensor | np.ndarray,
-    labels: torch.Tensor | np.ndarray | None = None,
-    *,
-    codebook_size: int,
-    num_classes: int = 0,
-    class_names: list[str] | tuple[str, ...] | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    description: str = "",
-    overwrite: bool = False,
-    metadata: dict[str, Any] | None = None,
-) -> Path:
+def write_code_dataset(path: str | os.PathLike[str], codes: torch.Tensor | np.ndarray,
+                       labels: torch.Tensor | np.ndarray | None = None, *, codebook_size: int, num_classes: int = 0,
+                       class_names: list[str] | tuple[str, ...] | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+                       description: str = "", overwrite: bool = False, metadata: dict[str, Any] | None = None) -> Path:
     """Write codes (N, H, W) and labels (N,) as a code dataset in `path`; returns `path`.
 
     See `CodeDatasetWriter` for the arguments and the guarantees.
@@ -323,11 +288,9 @@ def write_code_dataset(
     if labels is not None:
         labels = as_tensor("labels", labels, integer=True).cpu()
         if tuple(labels.shape) != codes.shape[:1]:
-            raise ValueError(f"labels must have shape ({codes.shape[0]},) to match codes, "
-                             f"got {tuple(labels.shape)}")
-    with CodeDatasetWriter(path, codebook_size=codebook_size, num_classes=num_classes,
-                           class_names=class_names, grid=tuple(codes.shape[1:]),
-                           shard_size=shard_size, description=description,
+            raise ValueError(f"labels must have shape ({codes.shape[0]},) to match codes, got {tuple(labels.shape)}")
+    with CodeDatasetWriter(path, codebook_size=codebook_size, num_classes=num_classes, class_names=class_names,
+                           grid=tuple(codes.shape[1:]), shard_size=shard_size, description=description,
                            overwrite=overwrite, metadata=metadata) as writer:
         # Slices keep the dtype conversion's temporary copies one shard large.
         for begin in range(0, max(codes.shape[0], 1), shard_size):
@@ -464,10 +427,8 @@ def split_indices(num_items: int, val_fraction: float, seed: int = 0) -> tuple[l
         raise TypeError(f"val_fraction must be a float, got {type(val_fraction).__name__}")
     num_val = round(val_fraction * n)
     if not 0 < val_fraction < 1 or not 0 < num_val < n:
-        raise ValueError(
-            f"val_fraction must leave both parts non-empty: in (0, 1) and between "
-            f"{1 / n:.3g} and {(n - 1) / n:.3g} for {n} items, got {val_fraction}"
-        )
+        raise ValueError(f"val_fraction must leave both parts non-empty: in (0, 1) and between {1 / n:.3g} and "
+                         f"{(n - 1) / n:.3g} for {n} items, got {val_fraction}")
     check_int("seed", seed, low=0)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[num_val:].sort().values.tolist(), order[:num_val].sort().values.tolist()
@@ -492,21 +453,10 @@ class FittedCodes:
         return [] if self.val is None else list(self.val.indices)
 
 
-def fit_code_dataset(
-    out_dir: str | os.PathLike[str],
-    vectors: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    num_codes: int,
-    val_fraction: float = 0.0,
-    seed: int = 0,
-    metric: str = "euclidean",
-    num_classes: int | None = None,
-    class_names: list[str] | None = None,
-    description: str = "",
-    codebook_description: str = "",
-    progress: bool = False,
-) -> FittedCodes:
+def fit_code_dataset(out_dir: str | os.PathLike[str], vectors: torch.Tensor, labels: torch.Tensor | None = None, *,
+                     num_codes: int, val_fraction: float = 0.0, seed: int = 0, metric: str = "euclidean",
+                     num_classes: int | None = None, class_names: list[str] | None = None, description: str = "",
+                     codebook_description: str = "", progress: bool = False) -> FittedCodes:
     """Fit a k-means codebook, encode every item, write ``out_dir/codebook`` and ``out_dir/data``.
 
     The one path from latents to a code dataset (``codegpt fit-codebook``, the digits, the demo).
@@ -530,9 +480,8 @@ def fit_code_dataset(
     out_dir, n = Path(out_dir), vectors.shape[0]
     train_idx, val_idx = split_indices(n, val_fraction, seed) if val_fraction else (list(range(n)), [])
     fit_on = vectors[torch.tensor(train_idx)] if val_idx else vectors
-    codebook = Codebook.fit(
-        fit_on, num_codes, metric=metric, seed=seed, progress=progress, description=codebook_description
-    )
+    codebook = Codebook.fit(fit_on, num_codes, metric=metric, seed=seed, progress=progress,
+                            description=codebook_description)
     codes = codebook.encode(vectors)  # (N, H, W)
     # The split is recorded so that `codegpt train` and `codegpt eval` hold out the same items unasked.
     path = write_code_dataset(
@@ -564,9 +513,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"code dataset folder {path} does not exist")
     file = path / METADATA_NAME
     if not file.is_file():
-        raise FileNotFoundError(
-            f"{file} is missing: {path} is not a code dataset, or its writing did not finish"
-        )
+        raise FileNotFoundError(f"{file} is missing: {path} is not a code dataset, or its writing did not finish")
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -614,9 +561,11 @@ def _validate_shard(file: Path, num_items: int, first_item: int, meta: dict[str,
         with safe_open(file, framework="np") as handle:
             names = set(handle.keys())
     except SafetensorError as err:
-        raise ValueError(f"{file} is not a valid safetensors file (truncated or foreign?): "
-                         f"{err}") from None
-    header_len, header = _read_header(file)
+        raise ValueError(f"{file} is not a valid safetensors file (truncated or foreign?): {err}") from None
+    # safe_open has validated the header; its byte layout is needed for the memory maps.
+    with open(file, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_len))
     grid = meta["grid"]
     wanted = ["codes"] + (["labels"] if meta["num_classes"] > 0 else [])
     for name in wanted:
@@ -645,20 +594,12 @@ def _validate_shard(file: Path, num_items: int, first_item: int, meta: dict[str,
     if "labels" in wanted:
         entry = header["labels"]
         if tuple(entry["shape"]) != (num_items,):
-            raise ValueError(f"{file}: labels have shape {tuple(entry['shape'])}, "
-                             f"expected ({num_items},)")
+            raise ValueError(f"{file}: labels have shape {tuple(entry['shape'])}, expected ({num_items},)")
         raw = np.fromfile(file, dtype=np.dtype(_INT_DTYPES[entry["dtype"]]), count=num_items,
                           offset=data_start + entry["data_offsets"][0])
         labels = raw.astype(np.int64)
         _check_range(labels.reshape(-1, 1), meta["num_classes"], "label", where, first_item)
     return codes_offset, codes_dtype, labels
-
-
-def _read_header(file: Path) -> tuple[int, dict[str, Any]]:
-    # safe_open has already validated the header; its byte layout is needed for the memory maps.
-    with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return length, json.loads(handle.read(length))
 
 
 def _check_range(values: Any, size: int, what: str, where: str, first_item: int,
@@ -680,19 +621,15 @@ def _check_range(values: Any, size: int, what: str, where: str, first_item: int,
     raise ValueError(f"{place}: {what} {value}{position} outside [0, {size})")
 
 
-def _check_vocabulary(name: str, value: Any, low: int) -> int:
-    check_int(name, value, low=low)
-    if value > MAX_VOCABULARY:
+def _check_vocabulary(name: str, value: Any, low: int) -> None:
+    if check_int(name, value, low=low) > MAX_VOCABULARY:
         raise ValueError(f"{name} {value} is absurd: more than {MAX_VOCABULARY} (2**24)")
-    return value
 
 
 def _check_grid(grid: Any) -> tuple[int, int]:
     if not isinstance(grid, (list, tuple)) or len(grid) != 2:
         raise ValueError(f"grid must be (H, W), got {grid!r}")
-    for value in grid:
-        check_int("grid", value, low=1)
-    return int(grid[0]), int(grid[1])
+    return check_int("grid", grid[0], low=1), check_int("grid", grid[1], low=1)
 
 
 def _check_class_names(names: Any, num_classes: int) -> list[str] | None:
@@ -701,6 +638,5 @@ def _check_class_names(names: Any, num_classes: int) -> list[str] | None:
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise TypeError(f"class_names must be a list of str, got {names!r}")
     if len(names) != num_classes:
-        raise ValueError(f"class_names must have num_classes={num_classes} entries, "
-                         f"got {len(names)}")
+        raise ValueError(f"class_names must have num_classes={num_classes} entries, got {len(names)}")
     return list(names)

@@ -49,10 +49,7 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     The layout is `PatchAutoencoder`'s (one home); this keeps the values as given (the digits' 0-16,
     any dtype) where the autoencoder's interface wants floats in [0, 1].
     """
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor or numpy array, got {type(images).__name__}")
+    images = torch.as_tensor(images)  # a tensor or any array, its dtype kept
     if images.ndim != 3:
         raise ValueError(f"images must have shape (N, H, W), got {tuple(images.shape)}")
     # PatchAutoencoder checks the patch size (an int that divides the image's).
@@ -62,8 +59,7 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
 
 def unpatchify(vectors: torch.Tensor, patch: int) -> torch.Tensor:
     """Inverse of `patchify`: (N, h, w, p*p) -> images (N, h*p, w*p)."""
-    if not isinstance(vectors, torch.Tensor):
-        raise TypeError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
+    vectors = torch.as_tensor(vectors)
     check_int("patch", patch, low=1)
     if vectors.ndim != 4 or vectors.shape[-1] != patch * patch:
         raise ValueError(f"vectors must have shape (N, h, w, {patch * patch}) for patch={patch}, "
@@ -77,14 +73,8 @@ def codes_to_images(codebook: Codebook, codes: torch.Tensor, patch: int = 2) -> 
     return unpatchify(codebook.decode(codes), patch)
 
 
-def digits_code_dataset(
-    out_dir: str | os.PathLike[str],
-    num_codes: int = 128,
-    patch: int = 2,
-    seed: int = 0,
-    val_fraction: float = 0.2,
-    progress: bool = False,
-) -> FittedCodes:
+def digits_code_dataset(out_dir: str | os.PathLike[str], num_codes: int = 128, patch: int = 2, seed: int = 0,
+                        val_fraction: float = 0.2, progress: bool = False) -> FittedCodes:
     """Fit a patch codebook on the digits' training split and write all 1797 images as codes.
 
     Writes ``out_dir/codebook`` and ``out_dir/data`` through ``codegpt.data.fit_code_dataset``: each image

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ._util import check_float
 from .digits import codes_to_images, patchify
 from .modeling_codegpt import GPT
 from .runs import sample_classes
@@ -38,10 +39,9 @@ def code_arrays(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
     return codes, classes
 
 
-def independent_baseline_bits(
-    train_codes: torch.Tensor, train_classes: torch.Tensor | None, eval_codes: torch.Tensor,
-    eval_classes: torch.Tensor | None, codebook_size: int, num_classes: int = 0, alpha: float = 1.0,
-) -> float:
+def independent_baseline_bits(train_codes: torch.Tensor, train_classes: torch.Tensor | None, eval_codes: torch.Tensor,
+                              eval_classes: torch.Tensor | None, codebook_size: int, num_classes: int = 0,
+                              alpha: float = 1.0) -> float:
     """Bits per code of the independent-per-position model on ``eval_codes``.
 
     For each (class, position) a histogram of the training codes, plus ``alpha`` on every code
@@ -49,12 +49,9 @@ def independent_baseline_bits(
     With ``num_classes=0`` (or no classes) the histograms are per position only.
     """
     if train_codes.dim() != 2 or eval_codes.dim() != 2 or train_codes.shape[1] != eval_codes.shape[1]:
-        raise ValueError(
-            "train_codes and eval_codes must both be (N, seq_len) with the same seq_len, got "
-            f"{tuple(train_codes.shape)} and {tuple(eval_codes.shape)}"
-        )
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0 (add-alpha smoothing), got {alpha}")
+        raise ValueError("train_codes and eval_codes must both be (N, seq_len) with the same seq_len, got "
+                         f"{tuple(train_codes.shape)} and {tuple(eval_codes.shape)}")
+    check_float("alpha", alpha, 0.0, low_open=True)
     L = train_codes.shape[1]
     conditional = num_classes > 0 and train_classes is not None and eval_classes is not None
     C = num_classes if conditional else 1
@@ -62,11 +59,8 @@ def independent_baseline_bits(
     ye = eval_classes.long() if conditional else torch.zeros(len(eval_codes), dtype=torch.long)
     counts = torch.full((C, L, codebook_size), float(alpha), dtype=torch.float64)
     pos = torch.arange(L)
-    counts.index_put_(
-        (yt[:, None].expand(-1, L), pos.expand(len(yt), -1), train_codes.long()),
-        torch.ones(len(yt), L, dtype=torch.float64),
-        accumulate=True,
-    )
+    counts.index_put_((yt[:, None].expand(-1, L), pos.expand(len(yt), -1), train_codes.long()),
+                      torch.ones(len(yt), L, dtype=torch.float64), accumulate=True)
     log_p = (counts / counts.sum(-1, keepdim=True)).log()
     nll = -log_p[ye[:, None].expand(-1, L), pos.expand(len(ye), -1), eval_codes.long()]
     return float(nll.mean()) / math.log(2)
@@ -89,9 +83,8 @@ def novelty(samples: torch.Tensor, train_codes: torch.Tensor) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, dataset: Dataset, accelerator: Accelerator | None = None, batch_size: int = 256
-) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, dataset: Dataset, accelerator: Accelerator | None = None,
+             batch_size: int = 256) -> dict[str, float]:
     """Held-out loss of ``model`` on ``dataset``: mean nats and bits per code.
 
     Every code is a target; the start token never is. Classes are given when the model is
@@ -152,10 +145,8 @@ def digit_judge_accuracy(judge: Any, codebook: Any, images: torch.Tensor, labels
     """The judge's accuracy on real digits (N, 8, 8) and on the same digits passed through the patch
     codebook (encode, decode): how far its verdicts on decoded samples can be trusted."""
     reconstructed = codes_to_images(codebook, codebook.encode(patchify(images, patch)), patch=patch)
-    return {
-        "judge_accuracy_real": class_consistency(judge, images, labels),
-        "judge_accuracy": class_consistency(judge, reconstructed, labels),
-    }
+    return {"judge_accuracy_real": class_consistency(judge, images, labels),
+            "judge_accuracy": class_consistency(judge, reconstructed, labels)}
 
 
 def fit_image_judge(train_part: Dataset, to_pixels: Any, seed: int = 0, max_items: int = 2000):
@@ -204,12 +195,8 @@ def evaluate_prior(
     num_classes = config.num_classes if config.class_conditional else 0
     baseline = independent_baseline_bits(train_codes, train_classes, val_codes, val_classes, config.codebook_size,
                                          num_classes)
-    metrics: dict[str, Any] = {
-        "bits_per_code": held_out["bits_per_code"],
-        "loss_nats": held_out["loss_nats"],
-        "baseline_bits_per_code": baseline,
-        "bits_ratio": held_out["bits_per_code"] / baseline,
-    }
+    metrics: dict[str, Any] = {"bits_per_code": held_out["bits_per_code"], "loss_nats": held_out["loss_nats"],
+                               "baseline_bits_per_code": baseline, "bits_ratio": held_out["bits_per_code"] / baseline}
     samples: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     if config.class_conditional:
         # Distinct seeds: the two sets are independent draws.

@@ -29,14 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "FeatureNet",
-    "fid",
-    "image_metrics",
-    "reconstruction_metrics",
-    "standard_inception_available",
-    "train_feature_net",
-]
+__all__ = ["FeatureNet", "fid", "image_metrics", "reconstruction_metrics", "standard_inception_available",
+           "train_feature_net"]
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception
 
@@ -52,15 +46,14 @@ class FeatureNet(nn.Module):
     def __init__(self, channels: int = 1, num_features: int = 64, num_classes: int = 0, width: int = 32,
                  seed: int = 0) -> None:
         super().__init__()
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)  # the network is part of the metric: the same seed, the same network
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(2 * width, num_features, 3, stride=2, padding=1), nn.GELU(),
-        )
-        self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else None
-        torch.random.set_rng_state(generator_state)
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+            torch.manual_seed(seed)  # the network is part of the metric: the same seed, the same network
+            self.body = nn.Sequential(
+                nn.Conv2d(channels, width, 3, padding=1), nn.GELU(),
+                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
+                nn.Conv2d(2 * width, num_features, 3, stride=2, padding=1), nn.GELU(),
+            )
+            self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else None
         self.channels = channels
         self.num_features = num_features  # torchmetrics reads this instead of probing a 299x299 image
         self.num_classes = num_classes
@@ -73,18 +66,6 @@ class FeatureNet(nn.Module):
         if self.head is None:
             raise ValueError("this FeatureNet has no classifier (num_classes=0)")
         return self.head(self(images))
-
-
-class _Logits(nn.Module):
-    """A FeatureNet's classifier as the module that InceptionScore calls."""
-
-    def __init__(self, net: FeatureNet) -> None:
-        super().__init__()
-        self.net = net
-        self.num_features = net.num_classes
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.logits(images)
 
 
 def train_feature_net(images: torch.Tensor, labels: torch.Tensor, *, num_features: int = 64, steps: int = 600,
@@ -147,7 +128,7 @@ def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> 
     if isinstance(images, torch.Tensor):
         if images.ndim != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
-        return (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+        return images.split(batch_size)
     return images
 
 
@@ -179,7 +160,7 @@ def image_metrics(real: torch.Tensor | Iterable[torch.Tensor], fake: torch.Tenso
             if standard:
                 metrics["is"] = InceptionScore(normalize=True)
             elif isinstance(module, FeatureNet) and module.head is not None:
-                metrics["is"] = InceptionScore(feature=_Logits(module))
+                metrics["is"] = InceptionScore(feature=nn.Sequential(module, module.head))  # calls it for logits
     counts = {"real": 0, "fake": 0}
     for name, images in (("real", real), ("fake", fake)):
         for batch in _batches(images, batch_size):
@@ -230,9 +211,7 @@ def reconstruction_metrics(images: torch.Tensor, autoencoder: Any, codebook: Any
         through_codes.append(decode_codes(codebook.encode(latents), codebook, autoencoder))
     ae, codes = torch.cat(through_ae), torch.cat(through_codes)
     images = images.float()
-    ae_fid = image_metrics(images, ae, feature, kid=False, inception_score=False)
-    codes_fid = image_metrics(images, codes, feature, kid=False, inception_score=False)
     return {"mse_autoencoder": float((ae - images).pow(2).mean()),
             "mse_codebook": float((codes - images).pow(2).mean()),
-            "fid_autoencoder": ae_fid["fid"], "fid_codebook": codes_fid["fid"],
-            "feature_network": ae_fid["feature_network"], "num_images": len(images)}
+            "fid_autoencoder": fid(images, ae, feature), "fid_codebook": fid(images, codes, feature),
+            "feature_network": _feature(feature)[1], "num_images": len(images)}
