@@ -417,7 +417,7 @@ def iter_image_batches(source: ImageSource, autoencoder: Autoencoder, batch_size
     if batches is None:
         batches = [range(b, min(b + batch_size, len(source))) for b in range(0, len(source), batch_size)]
     dataset = _Converted(source, autoencoder.image_size, autoencoder.channels, resize, on_error)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[list(b) for b in batches], collate_fn=_collate,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=_collate,
                                          num_workers=num_workers)
     total = sum(len(b) for b in batches)
     with tqdm(total=total, desc="encode", unit="img", disable=not progress) as bar:
@@ -511,7 +511,7 @@ def encode_images(
 
     def finish() -> None:
         result_holder.append(_write_outputs(source, autoencoder, out_dir, work, world, codebook, num_codes,
-                                            val_fraction, seed, kmeans or {}, keep_latents, progress))
+                                            val_fraction, seed, batch_size, kmeans or {}, keep_latents, progress))
 
     _together(state, work, finish if state.is_main_process else lambda: None)
     if state.is_main_process:
@@ -565,45 +565,60 @@ def _together(state: Any, work: Path, step: Any) -> None:
 
 def _encode_share(source: ImageSource, autoencoder: Autoencoder, batches: list[range], work: Path, rank: int,
                   resize: str, on_error: str, num_workers: int, progress: bool) -> None:
-    """Encode this process's batches into work/latents-<rank>.npy (a memory map: the latents never sit
-    in memory at once), with labels and source indices, and a part-<rank>.json that says how many."""
+    """Encode this process's batches into work/latents-<rank>.npy, with labels and source indices, and a
+    part-<rank>.json that says how many. Memory stays one batch large whatever the number of images:
+    latents are appended to the file (not a memory map, whose written pages stay in this process's
+    resident memory until it is closed), and labels and indices go into arrays allocated once (small
+    per-batch arrays kept alive between the batches' large ones fragment the heap: measured, the
+    resident memory grew by about one batch of images for every batch)."""
     h, w = autoencoder.latent_grid
     capacity = sum(len(b) for b in batches)
-    latents = np.lib.format.open_memmap(work / f"latents-{rank:05d}.npy", mode="w+", dtype=np.float32,
-                                        shape=(max(capacity, 1), h, w, autoencoder.latent_dim))
-    labels, indices, skipped, count = [], [], [], 0
-    for batch in iter_image_batches(source, autoencoder, batches=batches, resize=resize, on_error=on_error,
-                                    num_workers=num_workers, progress=progress):
-        skipped += batch["skipped"]
-        if batch["images"] is None:
-            continue
-        n = len(batch["images"])
-        latents[count:count + n] = autoencoder.encode(batch["images"]).numpy()
-        labels.append(batch["labels"].numpy())
-        indices.append(batch["indices"].numpy())
-        count += n
-    latents.flush()
-    del latents
-    np.save(work / f"labels-{rank:05d}.npy", np.concatenate(labels) if labels else np.zeros(0, np.int64))
-    np.save(work / f"indices-{rank:05d}.npy", np.concatenate(indices) if indices else np.zeros(0, np.int64))
+    shape = (max(capacity, 1), h, w, autoencoder.latent_dim)
+    labels, indices = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64)
+    skipped, count = [], 0
+    with open(work / f"latents-{rank:05d}.npy", "wb") as file:
+        np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                    "fortran_order": False, "shape": shape})
+        for batch in iter_image_batches(source, autoencoder, batches=batches, resize=resize, on_error=on_error,
+                                        num_workers=num_workers, progress=progress):
+            skipped += batch["skipped"]
+            if batch["images"] is None:
+                continue
+            n = len(batch["images"])
+            file.write(autoencoder.encode(batch["images"]).numpy().astype(np.float32, copy=False).tobytes())
+            labels[count:count + n] = batch["labels"].numpy()
+            indices[count:count + n] = batch["indices"].numpy()
+            count += n
+        file.truncate(file.tell() + (shape[0] - count) * h * w * autoencoder.latent_dim * 4)  # skipped rows: zeros
+    np.save(work / f"labels-{rank:05d}.npy", labels[:count])
+    np.save(work / f"indices-{rank:05d}.npy", indices[:count])
     (work / f"part-{rank:05d}.json").write_text(json.dumps({"count": count, "skipped": skipped}))
 
 
+def _read_latents(path: Path, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (sorted integers) of a latents file, read run by run. Not through a memory map: the
+    pages read through one count in the process's resident memory until it is closed."""
+    with open(path, "rb") as file:
+        np.lib.format.read_magic(file)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(file)
+        start, row = file.tell(), math.prod(shape[1:])
+        out = np.empty((len(rows), *shape[1:]), dtype)
+        done = 0
+        for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):  # consecutive rows: one read
+            file.seek(start + int(run[0]) * row * dtype.itemsize)
+            out[done:done + len(run)] = np.fromfile(file, dtype, len(run) * row).reshape(len(run), *shape[1:])
+            done += len(run)
+    return out
+
+
 def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path, work: Path, world: int,
-                   codebook: Codebook | None, num_codes: int, val_fraction: float, seed: int,
+                   codebook: Codebook | None, num_codes: int, val_fraction: float, seed: int, batch_size: int,
                    kmeans: dict[str, Any], keep_latents: bool, progress: bool) -> EncodeResult:
     """Main process: split, fit the codebook on the training latents, write the code datasets, then
     move everything into out_dir, encoding.json last."""
-    parts = []
-    for rank in range(world):
-        meta = json.loads((work / f"part-{rank:05d}.json").read_text())
-        if meta["count"]:
-            latents = np.load(work / f"latents-{rank:05d}.npy", mmap_mode="r")[:meta["count"]]
-            parts.append((latents, np.load(work / f"labels-{rank:05d}.npy"), meta))
-        else:
-            parts.append((None, np.zeros(0, np.int64), meta))
-    skipped = [s for _, _, meta in parts for s in meta["skipped"]]
-    total = sum(meta["count"] for _, _, meta in parts)
+    parts = [json.loads((work / f"part-{rank:05d}.json").read_text()) for rank in range(world)]
+    skipped = [s for meta in parts for s in meta["skipped"]]
+    total = sum(meta["count"] for meta in parts)
     if total == 0:
         raise ValueError(f"no image could be read ({len(skipped)} skipped, first: {skipped[0]['reason']})"
                          if skipped else "no image to encode")
@@ -616,16 +631,16 @@ def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path,
         order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
         is_val[order[:num_val].numpy()] = True
     num_train = total - num_val
-    offsets = np.cumsum([0] + [meta["count"] for _, _, meta in parts])
+    offsets = np.cumsum([0] + [meta["count"] for meta in parts])
 
     def gather(index: np.ndarray) -> np.ndarray:
-        """Latent rows `index` (sorted) of the whole set, gathered across the parts' memory maps."""
+        """Latent rows `index` (sorted) of the whole set, gathered across the parts' files."""
         out = []
-        for (latents, _, _), start, stop in zip(parts, offsets[:-1], offsets[1:], strict=True):
+        for rank, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
             chosen = index[(index >= start) & (index < stop)] - start
             if len(chosen):
-                out.append(latents[chosen])
-        return np.concatenate(out)
+                out.append(_read_latents(work / f"latents-{rank:05d}.npy", chosen))
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     h, w = autoencoder.latent_grid
     kmeans = dict(kmeans)
@@ -646,7 +661,7 @@ def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path,
     spec = autoencoder.spec()
 
     # The codes, in source order, each image to its part of the split.
-    labels_all = np.concatenate([labels for _, labels, _ in parts])
+    labels_all = np.concatenate([np.load(work / f"labels-{rank:05d}.npy") for rank in range(world)])
     # Which source item each code grid came from, so evaluation can read the real held-out images.
     source_index = torch.from_numpy(np.concatenate([np.load(work / f"indices-{rank:05d}.npy")
                                                     for rank in range(world)]).astype(np.int64))
@@ -668,9 +683,9 @@ def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path,
     if num_val:
         writers["val"] = CodeDatasetWriter(work / "val", **common, metadata=metadata("val"))
     try:
-        step = 4096
-        for begin in range(0, total, step):
-            end = min(total, begin + step)
+        # Batch by batch, as they were encoded: every temporary here is one batch large.
+        for begin in range(0, total, batch_size):
+            end = min(total, begin + batch_size)
             latents = torch.from_numpy(gather(np.arange(begin, end)))
             codes = codebook.encode(latents)  # (n, h, w)
             labels = torch.from_numpy(labels_all[begin:end]) if source.num_classes else None
