@@ -17,7 +17,7 @@ scales both sides, "refuse" raises for an image of another size. Values become f
 
 The pipeline (`encode_images`): images -> autoencoder latents -> post-hoc `Codebook.fit` on the
 training split's latents -> codes -> `train/` and `val/` code datasets. Images are read and encoded
-once, in batches (memory bounded by the batch, not the set), with the latents kept in memory-mapped
+once, in batches (memory bounded by the batch, not the set), with the latents kept in
 files on disk until the codes are written. Under `accelerate launch` each process encodes its share
 of the batches and the main process fits the codebook and writes the datasets, which are then
 identical to a one-process run's. An unreadable image file raises naming the file
