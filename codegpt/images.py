@@ -133,34 +133,44 @@ class FolderSource(ImageSource):
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder")
         extensions = tuple(e.lower() for e in extensions)
 
-        def images_in(folder: Path) -> list[Path]:
-            return sorted(p for p in folder.iterdir()
-                          if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
+        def images_in(folder: Path) -> list[str]:
+            return sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")
+                          and os.path.splitext(e.name)[1].lower() in extensions)
 
         classes = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         loose = images_in(self.root)
         if classes and loose:
             raise ValueError(f"{self.root} holds both class folders ({classes[0].name}, ...) and image files "
-                             f"({loose[0].name}, ...): use one layout, root/<class>/<file> or root/<file>")
+                             f"({loose[0]}, ...): use one layout, root/<class>/<file> or root/<file>")
+        # Paths relative to root as one bytes array and labels as int32: a few dozen bytes per image,
+        # where a list of Path objects takes ~350 (this listing is the one thing that grows with the set).
+        names: list[bytes] = []
+        labels: list[np.ndarray] = []
         if classes:
             self.class_names = [c.name for c in classes]
-            self.files, self.labels = [], []
             for label, folder in enumerate(classes):
                 found = images_in(folder)
-                self.files += found
-                self.labels += [label] * len(found)
+                names += [os.fsencode(os.path.join(folder.name, name)) for name in found]
+                labels.append(np.full(len(found), label, np.int32))
         else:
             self.class_names = None
-            self.files, self.labels = loose, [-1] * len(loose)
-        if not self.files:
+            names = [os.fsencode(name) for name in loose]
+            labels.append(np.full(len(loose), -1, np.int32))
+        if not names:
             raise ValueError(f"{self.root} holds no image files (extensions {', '.join(extensions)})")
+        self._names = np.array(names, dtype=bytes)
+        self.labels = np.concatenate(labels)
         self.description = f"image folder {self.root}"
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self._names)
+
+    def path(self, index: int) -> Path:
+        """The file of item `index`."""
+        return self.root / os.fsdecode(self._names[index])
 
     def load(self, index: int) -> Image.Image:
-        path = self.files[index]
+        path = self.path(index)
         try:
             with Image.open(path) as image:
                 image.load()  # decode now: a truncated file fails here, not later in a worker
@@ -169,10 +179,10 @@ class FolderSource(ImageSource):
             raise ImageReadError(f"{path}: cannot read the image ({err})") from None
 
     def label(self, index: int) -> int:
-        return self.labels[index]
+        return int(self.labels[index])
 
     def name(self, index: int) -> str:
-        return str(self.files[index])
+        return str(self.path(index))
 
     def record(self) -> dict[str, Any]:
         return {**super().record(), "root": str(self.root.resolve())}
@@ -222,7 +232,7 @@ class DatasetSource(ImageSource):
             if column is not None and column not in columns:
                 raise ValueError(f"{what} {column!r} is not a column of the data set; its columns are {columns}")
         self.data, self.image_column, self.label_column = data, image_column, label_column
-        self.labels: list[int] | None = None
+        self.labels: np.ndarray | None = None
         if label_column is not None:
             feature = data.features[label_column]
             labels = data[label_column]  # one column: ints, small beside the images
@@ -234,7 +244,7 @@ class DatasetSource(ImageSource):
                 self.class_names = list(feature.names)
             else:
                 self.class_names = [str(i) for i in range(max(labels) + 1)] if labels else None
-            self.labels = list(labels)
+            self.labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -252,7 +262,7 @@ class DatasetSource(ImageSource):
         return image
 
     def label(self, index: int) -> int:
-        return -1 if self.labels is None else self.labels[index]
+        return -1 if self.labels is None else int(self.labels[index])
 
     def name(self, index: int) -> str:
         return f"{self.description.strip()} row {index}"
