@@ -71,7 +71,7 @@ class DemoSettings:
     # Autoencoder (kl): (ae_width, 2 * ae_width) channels, 8x8 -> 4x4 x ae_latent_dim
     ae_width: int = field(default=32, metadata={"help": "channels of the autoencoder's first block"})
     ae_latent_dim: int = field(default=4, metadata={"help": "latent channels of the autoencoder"})
-    ae_steps: int = field(default=600, metadata={"help": "autoencoder training steps"})
+    ae_steps: int = field(default=500, metadata={"help": "autoencoder training steps"})
     ae_learning_rate: float = field(default=3e-3, metadata={"help": "autoencoder peak learning rate (one-cycle)"})
     ae_kl_weight: float = field(default=1e-6, metadata={"help": "weight of the autoencoder's KL term"})
     # Codes
