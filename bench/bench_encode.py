@@ -8,7 +8,7 @@ Both contenders read the same PNGs, encode them with the same autoencoder in bat
 the codes of a fixed codebook as a code dataset:
 
 - ``codegpt``: ``encode_images(FolderSource(...), autoencoder, out, codebook=...)``: images are read
-  and converted batch by batch, latents go to a memory-mapped file, codes to the dataset;
+  and converted batch by batch, latents go to a file on disk, codes to the dataset batch by batch;
 - ``plain loop``: what a script does without it: read every image into a list, stack, encode in
   batches keeping every latent in memory, then quantise and ``write_code_dataset``.
 

@@ -17,7 +17,7 @@ scales both sides, "refuse" raises for an image of another size. Values become f
 
 The pipeline (`encode_images`): images -> autoencoder latents -> post-hoc `Codebook.fit` on the
 training split's latents -> codes -> `train/` and `val/` code datasets. Images are read and encoded
-once, in batches (memory bounded by the batch, not the set), with the latents kept in memory-mapped
+once, in batches (memory bounded by the batch, not the set), with the latents kept in
 files on disk until the codes are written. Under `accelerate launch` each process encodes its share
 of the batches and the main process fits the codebook and writes the datasets, which are then
 identical to a one-process run's. An unreadable image file raises naming the file
@@ -133,34 +133,44 @@ class FolderSource(ImageSource):
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder")
         extensions = tuple(e.lower() for e in extensions)
 
-        def images_in(folder: Path) -> list[Path]:
-            return sorted(p for p in folder.iterdir()
-                          if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
+        def images_in(folder: Path) -> list[str]:
+            return sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")
+                          and os.path.splitext(e.name)[1].lower() in extensions)
 
         classes = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         loose = images_in(self.root)
         if classes and loose:
             raise ValueError(f"{self.root} holds both class folders ({classes[0].name}, ...) and image files "
-                             f"({loose[0].name}, ...): use one layout, root/<class>/<file> or root/<file>")
+                             f"({loose[0]}, ...): use one layout, root/<class>/<file> or root/<file>")
+        # Paths relative to root as one bytes array and labels as int32: a few dozen bytes per image,
+        # where a list of Path objects takes ~350 (this listing is the one thing that grows with the set).
+        names: list[bytes] = []
+        labels: list[np.ndarray] = []
         if classes:
             self.class_names = [c.name for c in classes]
-            self.files, self.labels = [], []
             for label, folder in enumerate(classes):
                 found = images_in(folder)
-                self.files += found
-                self.labels += [label] * len(found)
+                names += [os.fsencode(os.path.join(folder.name, name)) for name in found]
+                labels.append(np.full(len(found), label, np.int32))
         else:
             self.class_names = None
-            self.files, self.labels = loose, [-1] * len(loose)
-        if not self.files:
+            names = [os.fsencode(name) for name in loose]
+            labels.append(np.full(len(loose), -1, np.int32))
+        if not names:
             raise ValueError(f"{self.root} holds no image files (extensions {', '.join(extensions)})")
+        self._names = np.array(names, dtype=bytes)
+        self.labels = np.concatenate(labels)
         self.description = f"image folder {self.root}"
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self._names)
+
+    def path(self, index: int) -> Path:
+        """The file of item `index`."""
+        return self.root / os.fsdecode(self._names[index])
 
     def load(self, index: int) -> Image.Image:
-        path = self.files[index]
+        path = self.path(index)
         try:
             with Image.open(path) as image:
                 image.load()  # decode now: a truncated file fails here, not later in a worker
@@ -169,10 +179,10 @@ class FolderSource(ImageSource):
             raise ImageReadError(f"{path}: cannot read the image ({err})") from None
 
     def label(self, index: int) -> int:
-        return self.labels[index]
+        return int(self.labels[index])
 
     def name(self, index: int) -> str:
-        return str(self.files[index])
+        return str(self.path(index))
 
     def record(self) -> dict[str, Any]:
         return {**super().record(), "root": str(self.root.resolve())}
@@ -222,7 +232,7 @@ class DatasetSource(ImageSource):
             if column is not None and column not in columns:
                 raise ValueError(f"{what} {column!r} is not a column of the data set; its columns are {columns}")
         self.data, self.image_column, self.label_column = data, image_column, label_column
-        self.labels: list[int] | None = None
+        self.labels: np.ndarray | None = None
         if label_column is not None:
             feature = data.features[label_column]
             labels = data[label_column]  # one column: ints, small beside the images
@@ -234,7 +244,7 @@ class DatasetSource(ImageSource):
                 self.class_names = list(feature.names)
             else:
                 self.class_names = [str(i) for i in range(max(labels) + 1)] if labels else None
-            self.labels = list(labels)
+            self.labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -252,7 +262,7 @@ class DatasetSource(ImageSource):
         return image
 
     def label(self, index: int) -> int:
-        return -1 if self.labels is None else self.labels[index]
+        return -1 if self.labels is None else int(self.labels[index])
 
     def name(self, index: int) -> str:
         return f"{self.description.strip()} row {index}"
@@ -417,7 +427,7 @@ def iter_image_batches(source: ImageSource, autoencoder: Autoencoder, batch_size
     if batches is None:
         batches = [range(b, min(b + batch_size, len(source))) for b in range(0, len(source), batch_size)]
     dataset = _Converted(source, autoencoder.image_size, autoencoder.channels, resize, on_error)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[list(b) for b in batches], collate_fn=_collate,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=_collate,
                                          num_workers=num_workers)
     total = sum(len(b) for b in batches)
     with tqdm(total=total, desc="encode", unit="img", disable=not progress) as bar:
@@ -511,7 +521,7 @@ def encode_images(
 
     def finish() -> None:
         result_holder.append(_write_outputs(source, autoencoder, out_dir, work, world, codebook, num_codes,
-                                            val_fraction, seed, kmeans or {}, keep_latents, progress))
+                                            val_fraction, seed, batch_size, kmeans or {}, keep_latents, progress))
 
     _together(state, work, finish if state.is_main_process else lambda: None)
     if state.is_main_process:
@@ -565,45 +575,60 @@ def _together(state: Any, work: Path, step: Any) -> None:
 
 def _encode_share(source: ImageSource, autoencoder: Autoencoder, batches: list[range], work: Path, rank: int,
                   resize: str, on_error: str, num_workers: int, progress: bool) -> None:
-    """Encode this process's batches into work/latents-<rank>.npy (a memory map: the latents never sit
-    in memory at once), with labels and source indices, and a part-<rank>.json that says how many."""
+    """Encode this process's batches into work/latents-<rank>.npy, with labels and source indices, and a
+    part-<rank>.json that says how many. Memory stays one batch large whatever the number of images:
+    latents are appended to the file (not a memory map, whose written pages stay in this process's
+    resident memory until it is closed), and labels and indices go into arrays allocated once (small
+    per-batch arrays kept alive between the batches' large ones fragment the heap: measured, the
+    resident memory grew by about one batch of images for every batch)."""
     h, w = autoencoder.latent_grid
     capacity = sum(len(b) for b in batches)
-    latents = np.lib.format.open_memmap(work / f"latents-{rank:05d}.npy", mode="w+", dtype=np.float32,
-                                        shape=(max(capacity, 1), h, w, autoencoder.latent_dim))
-    labels, indices, skipped, count = [], [], [], 0
-    for batch in iter_image_batches(source, autoencoder, batches=batches, resize=resize, on_error=on_error,
-                                    num_workers=num_workers, progress=progress):
-        skipped += batch["skipped"]
-        if batch["images"] is None:
-            continue
-        n = len(batch["images"])
-        latents[count:count + n] = autoencoder.encode(batch["images"]).numpy()
-        labels.append(batch["labels"].numpy())
-        indices.append(batch["indices"].numpy())
-        count += n
-    latents.flush()
-    del latents
-    np.save(work / f"labels-{rank:05d}.npy", np.concatenate(labels) if labels else np.zeros(0, np.int64))
-    np.save(work / f"indices-{rank:05d}.npy", np.concatenate(indices) if indices else np.zeros(0, np.int64))
+    shape = (max(capacity, 1), h, w, autoencoder.latent_dim)
+    labels, indices = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64)
+    skipped, count = [], 0
+    with open(work / f"latents-{rank:05d}.npy", "wb") as file:
+        np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                    "fortran_order": False, "shape": shape})
+        for batch in iter_image_batches(source, autoencoder, batches=batches, resize=resize, on_error=on_error,
+                                        num_workers=num_workers, progress=progress):
+            skipped += batch["skipped"]
+            if batch["images"] is None:
+                continue
+            n = len(batch["images"])
+            file.write(autoencoder.encode(batch["images"]).numpy().astype(np.float32, copy=False).tobytes())
+            labels[count:count + n] = batch["labels"].numpy()
+            indices[count:count + n] = batch["indices"].numpy()
+            count += n
+        file.truncate(file.tell() + (shape[0] - count) * h * w * autoencoder.latent_dim * 4)  # skipped rows: zeros
+    np.save(work / f"labels-{rank:05d}.npy", labels[:count])
+    np.save(work / f"indices-{rank:05d}.npy", indices[:count])
     (work / f"part-{rank:05d}.json").write_text(json.dumps({"count": count, "skipped": skipped}))
 
 
+def _read_latents(path: Path, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (sorted integers) of a latents file, read run by run. Not through a memory map: the
+    pages read through one count in the process's resident memory until it is closed."""
+    with open(path, "rb") as file:
+        np.lib.format.read_magic(file)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(file)
+        start, row = file.tell(), math.prod(shape[1:])
+        out = np.empty((len(rows), *shape[1:]), dtype)
+        done = 0
+        for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):  # consecutive rows: one read
+            file.seek(start + int(run[0]) * row * dtype.itemsize)
+            out[done:done + len(run)] = np.fromfile(file, dtype, len(run) * row).reshape(len(run), *shape[1:])
+            done += len(run)
+    return out
+
+
 def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path, work: Path, world: int,
-                   codebook: Codebook | None, num_codes: int, val_fraction: float, seed: int,
+                   codebook: Codebook | None, num_codes: int, val_fraction: float, seed: int, batch_size: int,
                    kmeans: dict[str, Any], keep_latents: bool, progress: bool) -> EncodeResult:
     """Main process: split, fit the codebook on the training latents, write the code datasets, then
     move everything into out_dir, encoding.json last."""
-    parts = []
-    for rank in range(world):
-        meta = json.loads((work / f"part-{rank:05d}.json").read_text())
-        if meta["count"]:
-            latents = np.load(work / f"latents-{rank:05d}.npy", mmap_mode="r")[:meta["count"]]
-            parts.append((latents, np.load(work / f"labels-{rank:05d}.npy"), meta))
-        else:
-            parts.append((None, np.zeros(0, np.int64), meta))
-    skipped = [s for _, _, meta in parts for s in meta["skipped"]]
-    total = sum(meta["count"] for _, _, meta in parts)
+    parts = [json.loads((work / f"part-{rank:05d}.json").read_text()) for rank in range(world)]
+    skipped = [s for meta in parts for s in meta["skipped"]]
+    total = sum(meta["count"] for meta in parts)
     if total == 0:
         raise ValueError(f"no image could be read ({len(skipped)} skipped, first: {skipped[0]['reason']})"
                          if skipped else "no image to encode")
@@ -616,16 +641,16 @@ def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path,
         order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
         is_val[order[:num_val].numpy()] = True
     num_train = total - num_val
-    offsets = np.cumsum([0] + [meta["count"] for _, _, meta in parts])
+    offsets = np.cumsum([0] + [meta["count"] for meta in parts])
 
     def gather(index: np.ndarray) -> np.ndarray:
-        """Latent rows `index` (sorted) of the whole set, gathered across the parts' memory maps."""
+        """Latent rows `index` (sorted) of the whole set, gathered across the parts' files."""
         out = []
-        for (latents, _, _), start, stop in zip(parts, offsets[:-1], offsets[1:], strict=True):
+        for rank, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
             chosen = index[(index >= start) & (index < stop)] - start
             if len(chosen):
-                out.append(latents[chosen])
-        return np.concatenate(out)
+                out.append(_read_latents(work / f"latents-{rank:05d}.npy", chosen))
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     h, w = autoencoder.latent_grid
     kmeans = dict(kmeans)
@@ -646,7 +671,7 @@ def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path,
     spec = autoencoder.spec()
 
     # The codes, in source order, each image to its part of the split.
-    labels_all = np.concatenate([labels for _, labels, _ in parts])
+    labels_all = np.concatenate([np.load(work / f"labels-{rank:05d}.npy") for rank in range(world)])
     # Which source item each code grid came from, so evaluation can read the real held-out images.
     source_index = torch.from_numpy(np.concatenate([np.load(work / f"indices-{rank:05d}.npy")
                                                     for rank in range(world)]).astype(np.int64))
@@ -668,9 +693,9 @@ def _write_outputs(source: ImageSource, autoencoder: Autoencoder, out_dir: Path,
     if num_val:
         writers["val"] = CodeDatasetWriter(work / "val", **common, metadata=metadata("val"))
     try:
-        step = 4096
-        for begin in range(0, total, step):
-            end = min(total, begin + step)
+        # Batch by batch, as they were encoded: every temporary here is one batch large.
+        for begin in range(0, total, batch_size):
+            end = min(total, begin + batch_size)
             latents = torch.from_numpy(gather(np.arange(begin, end)))
             codes = codebook.encode(latents)  # (n, h, w)
             labels = torch.from_numpy(labels_all[begin:end]) if source.num_classes else None

@@ -54,6 +54,7 @@ def test_demo_writes_decoded_images_and_metrics(kl_demo, capsys):
     assert set(report["targets_met"]) == {"bits_ratio", "class_consistency_guided", "class_consistency_unguided",
                                           "judge_accuracy", "novelty", "all_distinct", "codebook_mse", "wall_seconds"}
     assert report["split"] == {"train": 1438, "val": 359, "seed": 0}
+    assert set(report["cpu_seconds"]) == set(report["timing_seconds"])  # each stage's CPU time beside its wall time
     assert (kl_demo / "run" / "model" / "config.json").is_file()
 
 
@@ -90,6 +91,14 @@ def test_demo_patches_keeps_the_patch_path(tmp_path, capsys):
 def test_demo_settings_refuse_bad_values(bad, needle, tmp_path):
     with pytest.raises(ValueError, match=needle):
         DemoSettings(out_dir=tmp_path, **bad)
+
+
+def test_demo_prior_steps_default_per_autoencoder(tmp_path):
+    # The patch demo keeps the steps its figures were measured with; a given value always wins.
+    assert DemoSettings(out_dir=tmp_path, autoencoder="patches").steps == 1000
+    assert DemoSettings(out_dir=tmp_path, autoencoder="kl", steps=1000).steps == 1000
+    with pytest.raises(ValueError, match="steps"):
+        DemoSettings(out_dir=tmp_path, steps=0)
 
 
 def test_demo_refuses_a_bad_flag_in_one_line(tmp_path, capsys):

@@ -262,3 +262,30 @@ def test_two_processes_under_accelerate_write_what_one_process_writes(tmp_path):
                   **{**ENCODE, "batch_size": 4})
     assert_same_encoding(tmp_path / "one", tmp_path / "two")
     assert not (tmp_path / "two" / ".encode-partial").exists()
+
+
+@pytest.mark.parametrize("fit", [False, True], ids=["given-codebook", "fitted-codebook"])
+def test_encoding_memory_does_not_grow_with_the_number_of_images(tmp_path, fit):
+    # 32x32 RGB in 4x4 patches: 12 KiB of latents per image, so anything held per image shows.
+    # tracemalloc sees numpy and Python objects, not torch's tensors; the benchmark measures those.
+    import tracemalloc
+
+    autoencoder = PatchAutoencoder(32, channels=3, patch=4)
+    codebook = None if fit else Codebook.from_centroids(torch.rand(32, autoencoder.latent_dim,
+                                                                   generator=torch.Generator().manual_seed(0)))
+    rng = np.random.default_rng(0)
+
+    def peak(n: int) -> int:
+        source = ArraySource(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 3, n))
+        tracemalloc.start()
+        try:
+            encode_images(source, autoencoder, tmp_path / f"n{n}", codebook=codebook, num_codes=32,
+                          val_fraction=0.1, batch_size=32, kmeans={"max_epochs": 2}, progress=False)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(200), peak(800)
+    # Before, the writer held 4,096 images' latents at a time (+14 MiB here from 200 to 800 images). What
+    # may grow is a few numbers per image (labels, split, source indices): 600 x 40 bytes is 24 KB.
+    assert large - small < 2**20, (small, large)
