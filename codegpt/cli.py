@@ -935,8 +935,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     for key, value in metrics.items():
         _print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     if args.out:
-        settings = {"samples_per_class": args.samples_per_class, "guidance_scale": args.guidance_scale,
-                    "temperature": 1.0, "top_k": None, "seed": args.seed}
+        # How the sample-based figures were drawn (evaluate_prior: temperature 1, no top-k or top-p; guidance
+        # for the guided set only): `codegpt push --metrics` states it on the card.
+        guidance = args.guidance_scale if model.config.class_conditional else None
+        settings = {"samples_per_class": args.samples_per_class, "guidance_scale": guidance, "temperature": 1.0,
+                    "top_k": None, "top_p": None, "seed": args.seed}
         write_json(args.out, {"eval": metrics, "settings": settings})
         _print(f"metrics: {args.out}")
     return 0
@@ -1220,7 +1223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="the Hub repo, org/name")
     p.add_argument("--dry-run", metavar="OUT_DIR", help="write the exact upload folder here and upload nothing")
     p.add_argument("--overwrite", action="store_true", help="with --dry-run: replace an existing OUT_DIR")
-    p.add_argument("--metrics", metavar="JSON", help="a JSON object or a .jsonl log (default: the run's evaluation)")
+    p.add_argument("--metrics", metavar="JSON", help="a JSON object, such as `codegpt eval --out` writes, or a .jsonl "
+                   "log (default: the run's evaluation)")
     p.add_argument("--training-args", metavar="JSON", help="training settings (default: the run's training_args.json)")
     p.add_argument("--codebook", metavar="DIR", help="a saved codebook folder, shipped in codebook/ (default: the "
                    "one the run recorded)")
@@ -1232,7 +1236,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, help="keep the k most likely codes (default: off)")
     g.add_argument("--top-p", type=float, help="nucleus sampling mass (default: off)")
     g.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the run's sample guidance)")
-    g.add_argument("--eval-sampling", help="the settings behind sample-based metrics on the card, as text")
+    g.add_argument("--eval-sampling", help="the settings behind sample-based metrics on the card, as text (default: "
+                   "those a `codegpt eval --out` file records)")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--commit-message", help="message of the upload commit")
     p.add_argument("--no-pin", action="store_true", help="do not pin the card's snippets to the upload commit")

@@ -33,8 +33,8 @@ from .runs import load_model, resolve_run
 
 __all__ = [
     "AUTOENCODER_DIR", "CODEBOOK_DIR", "CardInfo", "EvalMetric", "SamplingSettings", "TESTED_TRANSFORMERS",
-    "load_codebook", "prepare_upload_folder", "push_to_hub", "render_model_card", "run_sampling", "select_metrics",
-    "upload_file_names",
+    "eval_sampling_text", "load_codebook", "prepare_upload_folder", "push_to_hub", "render_model_card",
+    "run_sampling", "select_metrics", "upload_file_names",
 ]
 
 # The oldest and newest transformers releases the remote-code files are tested against (.ci/compat.sh).
@@ -327,8 +327,27 @@ def _decoder_text(config: GPTConfig, codebook: Codebook | None, decoder: str | N
     return decoder or "turn the latents into pixels with the decoder of the autoencoder the codebook was fitted on."
 
 
+def eval_sampling_text(settings: Mapping[str, Any], class_conditional: bool = True) -> str:
+    """The card's line on how the sample-based metrics were sampled, from the ``settings`` record that
+    ``codegpt eval --out`` and ``codegpt demo`` write next to them: ``samples_per_class``, ``temperature``
+    (default 1), ``top_k`` and ``top_p`` (default off), ``guidance_scale`` of the guided set (None: no
+    guided set)."""
+    temperature, top_k, top_p = settings.get("temperature", 1.0), settings.get("top_k"), settings.get("top_p")
+    guidance, count = settings.get("guidance_scale"), settings["samples_per_class"]
+    for name, value in (("temperature", temperature), ("top_k", top_k or 0), ("top_p", top_p or 1),
+                        ("guidance_scale", guidance or 1), ("samples_per_class", count)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"metrics['settings'][{name!r}] must be a number >= 0, got {value!r}")
+    text = f"temperature {temperature:g}, " + (f"top-k {top_k}" if top_k else "top-k off")
+    text += f", top-p {top_p:g}" if top_p is not None and top_p < 1 else ""
+    text += f", {count} samples per class" if class_conditional else f", {count} samples"
+    if class_conditional and guidance is not None:
+        text += f"; guided figures at guidance scale {guidance:g}, unguided ones without guidance"
+    return text
+
+
 def _results(
-    metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: str | None
+    metrics: Mapping[str, Any] | None, info: CardInfo, eval_sampling: str | None, class_conditional: bool = True
 ) -> tuple[list[EvalMetric], str | None, str | None]:
     """The card's quality metrics, the sampling settings behind the sample-based ones, and the feature
     network behind FID/KID/IS (``codegpt eval --fid`` records it next to the metrics)."""
@@ -342,14 +361,10 @@ def _results(
         )
     sample_based = [m.key for m in results if _SAMPLE_BASED.search(m.key)]
     settings = metrics.get("settings")
-    if not eval_sampling:  # from a settings record next to sample-based figures, as in `codegpt demo`'s metrics.json
+    if not eval_sampling:  # the settings record `codegpt eval --out` and `codegpt demo` write next to the figures
         eval_sampling = None
         if sample_based and isinstance(settings, Mapping) and "samples_per_class" in settings:
-            guidance, temperature = settings.get("guidance_scale"), settings.get("temperature", 1.0)
-            # evaluate_prior samples without top-k.
-            eval_sampling = f"temperature {temperature:g}, top-k off, {settings['samples_per_class']} samples per class"
-            if guidance is not None:
-                eval_sampling += f"; guided figures at guidance scale {guidance:g}, unguided ones without guidance"
+            eval_sampling = eval_sampling_text(settings, class_conditional)
     if sample_based and eval_sampling is None:
         raise ValueError(
             f"eval_sampling: the sample-based metrics {sample_based} need the sampling settings they were "
@@ -422,7 +437,7 @@ def render_model_card(
     grid = _grid(config, info.grid_shape)
     class_names = _class_names(config, info.class_names)
     decoder = _decoder_text(config, codebook, info.decoder)
-    results, eval_sampling, feature_network = _results(metrics, info, eval_sampling)
+    results, eval_sampling, feature_network = _results(metrics, info, eval_sampling, config.class_conditional)
     _check_text("eval_sampling", eval_sampling)
 
     model_name = info.model_name or repo_id.split("/")[-1]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -218,10 +218,11 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.post_init()
-        if self.generation_config is not None:  # special ids are never sampled; generate() fills one image
-            self.generation_config.suppress_tokens = list(range(config.codebook_size, config.vocab_size))
-            self.generation_config.bos_token_id = config.start_token_id
-            self.generation_config.max_length = config.max_position_embeddings
+        # generate() samples (top-k 100) exactly one image from the start token, never a special id. A fresh
+        # config, not one derived from the model's: 4.x would re-derive that one at generate() after a load.
+        self.generation_config = GenerationConfig(
+            do_sample=True, top_k=min(100, config.codebook_size), max_length=config.max_position_embeddings,
+            bos_token_id=config.start_token_id, suppress_tokens=list(range(config.codebook_size, config.vocab_size)))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, with ``auto_map`` naming this class for ``AutoModel``
@@ -231,6 +232,25 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
             ours = {"AutoModel": name, "AutoModelForCausalLM": name}
             self.config.auto_map = {**ours, **(getattr(self.config, "auto_map", None) or {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs) -> nn.Embedding:
+        """``PreTrainedModel.resize_token_embeddings``, keeping every code and the start token. New ids are
+        special tokens: ``generate()`` never samples them (``codegpt.generate`` bans ids >= codebook_size)."""
+        if new_num_tokens is not None and not self.config.start_token_id < new_num_tokens:
+            raise ValueError(f"new_num_tokens must be > start_token_id = {self.config.start_token_id} (the codes and "
+                             f"the start token stay), got {new_num_tokens}")
+        embeddings = super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
+        self.generation_config.suppress_tokens = list(range(self.config.codebook_size, self.config.vocab_size))
+        return embeddings
+
+    def _validate_generated_length(self, generation_config, input_ids_length: int, *args, **kwargs):
+        # generate() refuses a length beyond one image before its first step: else the forward would refuse
+        # only the step after, and max_new_tokens one too many would silently draw a code past the image.
+        P, T = self.config.max_position_embeddings, input_ids_length
+        if generation_config.max_length > P:
+            raise ValueError(f"max_new_tokens must be at most {P - T} and max_length at most {P} (seq_len + 1; the "
+                             f"prompt has {T}), got max_length {generation_config.max_length}: beyond one image")
+        return super()._validate_generated_length(generation_config, input_ids_length, *args, **kwargs)
 
     @property
     def null_class(self) -> int:  # the row of the null class embedding

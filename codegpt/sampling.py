@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import (
+    GenerationConfig,
     LogitsProcessor,
     PretrainedConfig,
     TemperatureLogitsWarper,
@@ -138,11 +140,44 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return torch.minimum(idx, last).squeeze(1)
 
 
+# GenerationConfig settings that change what ``model.generate`` draws and that ``generate`` does not apply,
+# each with its neutral value (None is always neutral): refused, never silently ignored.
+_NOT_APPLIED = {
+    "num_beams": 1, "penalty_alpha": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "typical_p": 1.0,
+    "min_p": 0, "epsilon_cutoff": 0, "eta_cutoff": 0, "top_h": None, "bad_words_ids": None, "sequence_bias": None,
+    "dola_layers": None, "constraints": None, "force_words_ids": None, "watermarking_config": None,
+}
+
+
+def _from_generation_config(config: GenerationConfig) -> dict[str, Any]:
+    """The settings ``config`` gives ``generate``, with transformers' meaning: ``do_sample`` False (or unset)
+    is greedy, sampling without ``top_k`` is top-k 50. Unset fields are transformers' defaults, whatever the
+    version (``model.generate`` would also fill them from the model's own config; 4.x even where set to a
+    default, such as ``do_sample=False``)."""
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(config).__name__}")
+    for key, neutral in _NOT_APPLIED.items():
+        value = getattr(config, key, None)
+        if value is not None and value != neutral:
+            raise ValueError(f"generation_config.{key}={value!r}: codegpt.generate samples (temperature, top_k, "
+                             "top_p, guidance_scale) or decodes greedily, nothing else; use model.generate for it")
+    sampled = bool(config.do_sample)
+    return {
+        "temperature": (1.0 if config.temperature is None else config.temperature) if sampled else 0.0,
+        "top_k": (50 if config.top_k is None else config.top_k) if sampled else None,
+        "top_p": config.top_p if sampled else None,
+        "guidance_scale": config.guidance_scale,
+        "max_new_tokens": config.max_new_tokens,
+        "num_return_sequences": config.num_return_sequences,
+        "suppress_tokens": list(config.suppress_tokens or []),
+    }
+
+
 def generate(
     model: nn.Module,
     input_ids: torch.Tensor | None = None,
     max_new_tokens: int | None = None,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     classes: torch.Tensor | Sequence[int] | int | None = None,
@@ -150,6 +185,8 @@ def generate(
     logits_processor: Iterable[LogitsProcessor | Callable] | None = None,
     generator: torch.Generator | int | None = None,
     num_samples: int | None = None,
+    num_return_sequences: int | None = None,
+    generation_config: GenerationConfig | None = None,
 ) -> torch.LongTensor:
     r"""Sample codes from a codegpt GPT over a KV cache (``codegpt.fast.KVDecoder``).
 
@@ -169,8 +206,8 @@ def generate(
             its own forward (see ``codegpt.fast.unknown_part``): the same codes, more slowly.
         input_ids: ``(B, T)`` prompt: the start token, then the codes of a prefix in raster order (the
             first rows of an image, to complete the rest). ``None``: the start token alone.
-        max_new_tokens: codes to sample; ``None`` fills the image (``seq_len + 1 - T``).
-        temperature: ``> 0`` divides the logits; ``0`` is greedy (argmax).
+        max_new_tokens: codes to sample; ``None`` fills the image (``seq_len + 1 - T``); more is refused.
+        temperature: ``> 0`` divides the logits; ``0`` is greedy (argmax); ``None`` is 1.
         top_k: keep the ``top_k`` most likely codes; ``None`` or ``0`` is off; more than the codebook
             is the whole codebook.
         top_p: keep the smallest set of most likely codes whose probability reaches ``top_p``, in
@@ -188,6 +225,15 @@ def generate(
         generator: a ``torch.Generator`` on the model's device or an int seed: the same one gives the
             same samples. ``None`` uses torch's global RNG.
         num_samples: batch size when ``input_ids`` is None and ``classes`` is not a tensor.
+        num_return_sequences: samples per prompt (per row of ``input_ids``/``classes``), side by side in the
+            output as ``model.generate`` returns them; ``None`` is 1.
+        generation_config: a ``transformers.GenerationConfig``, e.g. ``model.generation_config`` (the
+            settings the model was saved or pushed with): its ``temperature``, ``top_k``, ``top_p``,
+            ``guidance_scale``, ``max_new_tokens``, ``num_return_sequences`` and ``suppress_tokens`` apply
+            unless given here (``top_k=0``, ``top_p=1``, ``guidance_scale=1`` turn them off). ``do_sample``
+            False is greedy; sampling without ``top_k`` is top-k 50, as in transformers. Read as it is: unset
+            fields are transformers' defaults, never the model's own config's. A setting that ``generate``
+            does not apply (beams, penalties, other warpers) is refused.
 
     Raises:
         ValueError / TypeError: for any bad argument, before compute, naming it.
@@ -195,9 +241,24 @@ def generate(
     if getattr(getattr(model, "config", None), "model_type", None) != "codegpt":
         raise TypeError(f"model must be a codegpt GPT, got {type(model).__name__}")
     cfg = model.config
+    suppressed: list[int] = []
+    if generation_config is not None:  # what is given here wins over the config
+        saved = _from_generation_config(generation_config)
+        suppressed = sorted({int(t) for t in saved.pop("suppress_tokens") if 0 <= int(t) < cfg.codebook_size})
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
+                     max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences)
+        temperature, top_k, top_p, guidance_scale, max_new_tokens, num_return_sequences = (
+            saved[key] if value is None else value for key, value in given.items()
+        )
+    temperature = 1.0 if temperature is None else temperature
     check_sampling_args(temperature, top_k, top_p, guidance_scale, cfg)
+    if num_return_sequences is not None and (not _is_int(num_return_sequences) or num_return_sequences < 1):
+        raise ValueError(f"num_return_sequences must be None or an int >= 1, got {num_return_sequences!r}")
     device = input_device(model)
     input_ids, classes = _resolve_batch(cfg, input_ids, classes, num_samples, device)
+    if num_return_sequences is not None and num_return_sequences > 1:  # each prompt's samples side by side
+        input_ids = input_ids.repeat_interleave(int(num_return_sequences), dim=0)
+        classes = None if classes is None else classes.repeat_interleave(int(num_return_sequences), dim=0)
     B, T = input_ids.shape
     remaining = cfg.seq_len + 1 - T
     if max_new_tokens is None:
@@ -257,6 +318,8 @@ def generate(
                 cond, uncond = logp[:B], logp[B:]
                 scores = guidance_scale * (cond - uncond) + uncond
             scores[:, codebook_size:] = -math.inf  # special tokens are inputs only, never sampled
+            if suppressed:
+                scores[:, suppressed] = -math.inf  # the generation config's suppress_tokens among the codes
             seq = out[:, :t]
             for p in user_processors:
                 scores = p(seq, scores)

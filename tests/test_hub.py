@@ -26,6 +26,7 @@ from codegpt.codebook import Codebook
 from codegpt.hub import (
     CardInfo,
     SamplingSettings,
+    eval_sampling_text,
     load_codebook,
     prepare_upload_folder,
     push_to_hub,
@@ -466,6 +467,55 @@ def test_push_from_a_training_run_takes_its_model_metrics_and_arguments(run_dir,
     assert result.metric_value == pytest.approx(files.metrics["bits_per_code"])
     assert "| `max_steps` | 2 |" in card.text
     assert str(run_dir) not in card.text
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("conditional", [True, False])
+def test_eval_out_is_what_push_metrics_reads(conditional, learnable_dataset, tmp_path, capsys):
+    learnable_dataset(tmp_path / "data")  # 2x4 codes of 16, 3 classes
+    model_dir = tmp_path / "model"
+    make_model(seq_len=8, class_conditional=conditional).save_pretrained(model_dir)
+    recorded = tmp_path / "eval.json"
+    assert main(["eval", str(model_dir), "--data", str(tmp_path / "data"), "--samples-per-class", "2",
+                 "--guidance-scale", "1.5", "--out", str(recorded), "--device", "cpu"]) == 0
+    upload = tmp_path / "upload"
+    # No --eval-sampling: the file says how its sample-based figures were drawn.
+    assert run_cli(model_dir, "--repo-id", REPO_ID, "--dry-run", upload, "--metrics", recorded,
+                   "--dataset-id", "toy-codes", "--decoder", "a toy decoder.") == 0, capsys.readouterr().err
+    card = ModelCard((upload / "README.md").read_text())
+    expected = select_metrics(json.loads(recorded.read_text()))
+    assert any(m.key.startswith("novelty_") for m in expected)  # sample-based figures among them
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {m.key: m.value for m in expected}
+    line = "Sampling settings behind sample-based numbers: temperature 1, top-k off, " + (
+        "2 samples per class; guided figures at guidance scale 1.5, unguided ones without guidance."
+        if conditional else "2 samples.")
+    assert line in card.text
+
+
+def test_eval_sampling_text_reads_every_recorded_setting():
+    record = {"samples_per_class": 50, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "guidance_scale": 3.0}
+    assert eval_sampling_text(record) == ("temperature 0.8, top-k 20, top-p 0.9, 50 samples per class; guided "
+                                          "figures at guidance scale 3, unguided ones without guidance")
+    unconditional = eval_sampling_text({"samples_per_class": 8}, class_conditional=False)
+    assert unconditional == "temperature 1, top-k off, 8 samples"
+    with pytest.raises(ValueError, match="metrics\\['settings'\\]\\['temperature'\\] must be a number >= 0"):
+        eval_sampling_text({"samples_per_class": 8, "temperature": "hot"})
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_card_shows_the_mixed_precision_accelerate_chose(learnable_dataset, tmp_path, monkeypatch):
+    from codegpt.training import TrainingArguments, train
+
+    dataset = learnable_dataset(tmp_path / "data", n=16)
+    # `accelerate launch --mixed_precision bf16` (or an Accelerate config) reaches the run through this variable.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    args = TrainingArguments(output_dir=tmp_path / "run", max_steps=1, per_device_batch_size=8, warmup_steps=0,
+                             samples_per_class=1, progress=False, mixed_precision=None)
+    train(args, make_config(seq_len=8, num_heads=2), dataset, dataset)
+    assert json.loads((tmp_path / "run" / "training_args.json").read_text())["mixed_precision"] == "bf16"
+    upload = prepare_upload_folder(tmp_path / "run", tmp_path / "upload", repo_id=REPO_ID,
+                                   info=CardInfo(decoder="a toy decoder.", dataset_id="toy-codes"))
+    assert "| `mixed_precision` | bf16 |" in (upload / "README.md").read_text()
 
 
 def test_data_dir_fills_grid_class_names_and_dataset(checkpoint, codebook_dir, tmp_path):

@@ -311,6 +311,70 @@ def test_model_generate_never_samples_special_tokens():
     assert (out[:, 1:] < 16).all()
 
 
+def test_saved_model_samples_one_image_by_default_and_greedy_on_request(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert (saved["do_sample"], saved["top_k"], saved["max_length"], saved["suppress_tokens"]) == (True, 16, 17, [16])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    classes = torch.tensor([1, 1, 1, 1])
+    torch.manual_seed(0)
+    sampled = loaded.generate(classes=classes)
+    assert sampled.shape == (4, 17) and sampled[:, 1:].lt(16).all()
+    assert len({tuple(row) for row in sampled.tolist()}) == 4  # distinct samples of one class
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(classes=classes), sampled)  # the same defaults before saving
+    greedy = loaded.generate(classes=classes, do_sample=False)
+    assert torch.equal(greedy, greedy_by_hand(loaded, greedy[:, :1], classes, 16))
+    # The recommended top-k: 100 codes, or the whole codebook when it is smaller.
+    assert GPT(make_config(vocab_size=301)).generation_config.top_k == 100
+
+
+@pytest.mark.parametrize("kwargs, new_tokens", [
+    (dict(max_new_tokens=17), 17),
+    (dict(max_length=18), 17),
+    (dict(input_ids=torch.tensor([[16, 3, 4, 5]]), max_new_tokens=14), 14),
+])
+def test_model_generate_refuses_more_than_one_image_before_any_step(kwargs, new_tokens):
+    model = make_model()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    T = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else 1
+    match = f"max_new_tokens must be at most {17 - T} and max_length at most 17 .* got max_length {T + new_tokens}"
+    with pytest.raises(ValueError, match=match):
+        model.generate(classes=torch.tensor([0]), do_sample=False, **kwargs)
+    assert calls == []  # refused before the first forward
+    # Exactly one image still works, from the start token or from a prefix.
+    assert model.generate(classes=torch.tensor([0]), max_new_tokens=16).shape == (1, 17)
+    assert model.generate(input_ids=torch.tensor([[16, 3, 4, 5]]), classes=torch.tensor([0])).shape == (1, 17)
+
+
+def test_resized_embeddings_keep_new_ids_out_of_both_generate_paths(tmp_path):
+    from codegpt import generate
+
+    model = make_model()
+    model.resize_token_embeddings(20)  # ids 17, 18, 19 are new special tokens
+    assert model.config.vocab_size == 20 and model.lm_head.weight.shape[0] == 20
+    with torch.no_grad():
+        # Make the new ids overwhelmingly likely: without the ban, sampling would pick them.
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[17:] = 5.0
+    model.save_pretrained(tmp_path)
+    classes = torch.tensor([0, 1, 2, 0])
+    for m in (model, GPT.from_pretrained(tmp_path)):
+        torch.manual_seed(0)
+        assert m.generate(classes=classes, top_k=0)[:, 1:].lt(16).all()
+        out = generate(m, classes=classes, generator=0)
+        assert out.shape == (4, 17) and out[:, 1:].lt(16).all()
+        codes = generate(m, classes=classes, generation_config=m.generation_config, generator=0)
+        assert codes[:, 1:].lt(16).all()
+    with pytest.raises(ValueError, match="new_num_tokens must be > start_token_id = 16 .*got 16"):
+        model.resize_token_embeddings(16)  # would drop the start token
+    assert model.config.vocab_size == 20
+
+
 def test_trainer_with_gradient_accumulation_logs_mean_loss(tmp_path):
     from transformers import Trainer, TrainingArguments
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ REPO_ID = "toy-org/toy-prior"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CLASSES = [0, 2, 1]
 GUIDANCE = 2.0
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(tie: bool = False) -> GPT:
@@ -105,6 +107,9 @@ for source in args["sources"]:
             "guided": greedy(model, args["guidance"]),
             "tied": model.lm_head.weight is model.wte.weight,
         }
+        torch.manual_seed(0)  # the saved generation settings: four samples of one class
+        loads[key]["distinct"] = len({tuple(row) for row in model.generate(classes=classes[:1].repeat(4)).tolist()})
+        loads[key]["sampling"] = [model.generation_config.do_sample, model.generation_config.top_k]
 out["loads"] = loads
 
 model = AutoModelForCausalLM.from_pretrained(args["sources"][0], trust_remote_code=True)
@@ -132,8 +137,9 @@ print("\nRESULT " + json.dumps(out))  # after the y/N prompt, which ends without
 """
 
 
-def run_child(tmp: Path, hf_home: Path, **args) -> dict:
-    """Run CHILD in a fresh interpreter: offline, an empty HF home, a dummy token and a dead endpoint."""
+def run_child(tmp: Path, hf_home: Path, code: str = CHILD, pythonpath: str | None = None, **args) -> dict:
+    """Run ``code`` (CHILD) in a fresh interpreter: offline, an empty HF home, a dummy token and a dead endpoint;
+    codegpt importable only from ``pythonpath``, if given."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(tmp),
@@ -144,10 +150,11 @@ def run_child(tmp: Path, hf_home: Path, **args) -> dict:
         "OMP_NUM_THREADS": "1",
         "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        **({"PYTHONPATH": pythonpath} if pythonpath else {}),
     }
     args = {"classes": CLASSES, "guidance": GUIDANCE, **args}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(args)],
+        [sys.executable, "-c", code, json.dumps(args)],
         cwd=tmp,
         env=env,
         stdin=subprocess.DEVNULL,  # the trust_remote_code prompt then fails at once
@@ -191,6 +198,9 @@ def test_dry_run_folder_loads_as_remote_code_by_repo_id_and_path(tmp_path):
         assert load["module"].endswith(".modeling_codegpt") and load["class"] == "GPT", key
         assert load["tied"] is key.endswith("tied"), key
         assert (load["greedy"], load["guided"]) == expected[load["tied"]], key
+        assert load["distinct"] == 4, key  # the saved settings sample, in every load
+        # A plain save_pretrained folder samples with the recommended top-k; the upload folder with its own.
+        assert load["sampling"] == ([True, 16] if load["tied"] else [True, 8]), key
 
     gen = out["generation_config"]
     assert gen == {
@@ -212,6 +222,58 @@ def test_dry_run_folder_loads_as_remote_code_by_repo_id_and_path(tmp_path):
     codebook = load_codebook(folder)
     assert out["decoded"] == codebook.decode(sampled[:, 1:]).tolist()
     assert out["untrusted"].startswith("ValueError") and "trust_remote_code" in out["untrusted"]
+
+
+# Runs the model card's python blocks as written, each list in one namespace; ``block`` hides codegpt.
+CARD_CHILD = r"""
+import json
+import sys
+args = json.loads(sys.argv[1])
+if args["block"]:
+    sys.modules["codegpt"] = None
+out = []
+for blocks in args["programs"]:
+    names = {}
+    for code in blocks:
+        exec(compile(code, "<model card>", "exec"), names)
+    shapes = {k: list(names[k].shape) for k in ("tokens", "codes", "latents") if k in names}
+    out.append({"module": type(names["model"]).__module__, **shapes})
+print("\nRESULT " + json.dumps(out))
+"""
+
+
+def card_blocks(folder: Path) -> tuple[list[str], list[str]]:
+    """The python blocks of an upload folder's card: those without codegpt, those with it."""
+    blocks = re.findall(r"```python\n(.*?)```", (folder / "README.md").read_text(), flags=re.S)
+    with_codegpt = [b for b in blocks if "import codegpt" in b]
+    return [b for b in blocks if b not in with_codegpt], with_codegpt
+
+
+def test_card_usage_blocks_run_as_written_with_and_without_codegpt(tmp_path):
+    # A class-conditional prior with its codebook, and an unconditional one without, pinned to a commit.
+    _, conditional = write_upload_folder(tmp_path / "conditional")
+    make_model(seed=1, class_conditional=False).save_pretrained(tmp_path / "plain")
+    other = "toy-org/plain-prior"
+    unconditional = prepare_upload_folder(tmp_path / "plain", tmp_path / "plain-upload", repo_id=other,
+                                          revision=COMMIT, info=CardInfo(decoder="a VQGAN decoder (not shipped)."))
+    hf_home = tmp_path / "hf"
+    install_in_cache(conditional, hf_home)
+    install_in_cache(unconditional, hf_home, repo_id=other)
+    assert f'revision="{COMMIT}"' in (unconditional / "README.md").read_text()
+    (without_a, with_a), (without_b, with_b) = card_blocks(conditional), card_blocks(unconditional)
+    assert (len(without_a), len(with_a), len(without_b), len(with_b)) == (3, 1, 2, 1)  # load, sample(, decode)
+
+    # Without codegpt: the Hub id through transformers' remote code, huggingface_hub and safetensors only.
+    out = run_child(tmp_path, hf_home, code=CARD_CHILD, block=True, programs=[without_a, without_b])
+    assert all(run["module"].startswith("transformers_modules.") for run in out)
+    assert out[0]["tokens"] == [3, 17] and out[0]["codes"] == [3, 4, 4] and out[0]["latents"] == [3, 4, 4, 4]
+    assert out[1]["tokens"] == [4, 17] and out[1]["codes"] == [4, 4, 4] and "latents" not in out[1]
+
+    # With codegpt: its own class, its sampler and the codebook.
+    out = run_child(tmp_path, hf_home, code=CARD_CHILD, block=False, pythonpath=str(REPO), programs=[with_a, with_b])
+    assert all(run["module"] == "codegpt.modeling_codegpt" for run in out)
+    assert out[0]["codes"] == [3, 4, 4] and out[0]["latents"] == [3, 4, 4, 4]
+    assert out[1]["codes"] == [4, 4, 4] and "latents" not in out[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
 
 from codegpt import GPT
 from codegpt.sampling import generate, to_grid
@@ -319,6 +319,47 @@ def test_model_generate_keeps_working(tiny_model):
     assert a[:, 0].eq(model.config.start_token_id).all() and a[:, 1:].lt(16).all()
 
 
+def test_generation_config_settings_apply_unless_given(tiny_model):
+    model = tiny_model(sharpen=4.0)
+    classes = torch.tensor([0, 2])
+    greedy = generate(model, classes=classes, temperature=0)
+    top1 = GenerationConfig(do_sample=True, top_k=1)  # sampling among one code: the argmax
+    assert torch.equal(generate(model, classes=classes, generation_config=top1, generator=0), greedy)
+    # An argument given here wins over the config: top-k off samples other codes.
+    assert not torch.equal(generate(model, classes=classes, generation_config=top1, top_k=0, generator=0), greedy)
+    # do_sample=False is greedy, its guidance_scale guides, and max_new_tokens stops early.
+    guided = GenerationConfig(do_sample=False, guidance_scale=3.0, max_new_tokens=5)
+    out = generate(model, classes=classes, generation_config=guided)
+    assert torch.equal(out, model.generate(classes=classes, do_sample=False, guidance_scale=3.0, max_new_tokens=5))
+    # A sampling config with its temperature: the same draws as those arguments given directly.
+    warm = GenerationConfig(do_sample=True, temperature=0.7, top_k=4, top_p=0.9)
+    assert torch.equal(generate(model, classes=classes, generation_config=warm, generator=3),
+                       generate(model, classes=classes, temperature=0.7, top_k=4, top_p=0.9, generator=3))
+
+
+def test_generation_config_num_return_sequences_and_suppress_tokens(tiny_model):
+    model = tiny_model(sharpen=4.0)
+    config = GenerationConfig(do_sample=True, top_k=0, num_return_sequences=3, suppress_tokens=[0, 1, 2, 16])
+    out = generate(model, classes=[0, 2], generation_config=config, generator=0)
+    assert out.shape == (6, 13)
+    assert not out[:, 1:].lt(3).any() and out[:, 1:].lt(16).all()  # the suppressed codes and special ids
+    # Rows come per prompt, side by side, each with its prompt's class: as if the classes were repeated.
+    assert torch.equal(out, generate(model, classes=[0, 0, 0, 2, 2, 2], generation_config=config,
+                                     num_return_sequences=1, generator=0))
+    assert generate(model, classes=1, num_samples=2, num_return_sequences=2, max_new_tokens=1).shape == (4, 2)
+
+
+def test_model_generation_config_samples_one_image_in_both_generate_paths(tiny_model):
+    model = tiny_model()
+    classes = torch.tensor([1, 1, 1, 1])
+    torch.manual_seed(0)
+    by_model = model.generate(classes=classes)  # the saved defaults: sampling, never a special id
+    by_codegpt = generate(model, classes=classes, generation_config=model.generation_config, generator=0)
+    for out in (by_model, by_codegpt):
+        assert out.shape == (4, 13) and out[:, 1:].lt(16).all()
+        assert len({tuple(row) for row in out.tolist()}) == 4  # distinct samples of one class
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors, before any compute
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +389,11 @@ def test_model_generate_keeps_working(tiny_model):
         ({"input_ids": torch.tensor([[16, 3, 17]])}, "codes"),
         ({"input_ids": torch.tensor([16, 3])}, "input_ids"),
         ({"input_ids": torch.full((2, 1), 16), "classes": [0, 1, 2]}, "classes"),
+        ({"num_return_sequences": 0}, "num_return_sequences"),
+        ({"generation_config": GenerationConfig(max_new_tokens=13)}, "max_new_tokens must be .* \\[0, 12\\]"),
+        ({"generation_config": GenerationConfig(do_sample=True, top_p=1.5)}, "top_p"),
+        ({"generation_config": GenerationConfig(num_beams=2)}, "generation_config.num_beams=2"),
+        ({"generation_config": GenerationConfig(repetition_penalty=1.2)}, "generation_config.repetition_penalty"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match, tiny_model):
@@ -367,6 +413,8 @@ def test_bad_types_raise_type_error(tiny_model):
         generate(model, logits_processor=[3])
     with pytest.raises(TypeError, match="codegpt GPT"):
         generate(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="generation_config must be a transformers GenerationConfig"):
+        generate(model, generation_config={"top_k": 5})
 
 
 def test_unconditional_model_refuses_classes_and_guidance(tiny_model):
