@@ -1,7 +1,6 @@
-"""GPT prior over discrete image codes, as a transformers model: the output, eager attention (the
-others come from transformers' registry), the class embedding, attention, MLP, block, then the model.
-Hub remote code: it imports only torch, transformers, the standard library and ``configuration_codegpt``
-(the CPU kernels of ``codegpt.fast`` are swapped in from outside)."""
+"""GPT prior over discrete image codes, as a transformers model: the output, eager attention, the class
+embedding, attention, MLP, block, then the model. Hub remote code: it imports only torch, transformers,
+the standard library and ``configuration_codegpt`` (``codegpt.fast``'s CPU kernels are swapped in from outside)."""
 
 from __future__ import annotations
 
@@ -20,33 +19,26 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_codegpt import GPTConfig
 
-# transformers 5.24 renamed the output field (and forward kwarg) `past_key_values` to `cache`;
-# name the field after the installed version so generate() finds the cache either way.
+# transformers 5.24 renamed the output field (and forward kwarg) `past_key_values` to `cache`: use the installed one.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @dataclass
 class GPTOutput(CausalLMOutputWithPast):
-    """A ``CausalLMOutputWithPast`` (``out.loss``, ``out["loss"]``, ``out[0]``, ``to_tuple()``) that also
-    unpacks as ``logits, loss``."""
+    """A ``CausalLMOutputWithPast`` (``out.loss``, ``out[0]``, ``to_tuple()``) that unpacks as ``logits, loss``."""
 
     def __iter__(self):
         return iter((self.logits, self.loss))
 
     if _CACHE_FIELD == "past_key_values":  # the KV cache under its 5.24 name on older transformers too
-
-        @property
-        def cache(self):
-            return self.past_key_values
+        cache = property(lambda self: self.past_key_values)
 
 
-def eager_attention_forward(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The readable reference, with transformers' attention-function signature. q (B, nh, T, hs),
-    k/v (B, nh, S, hs), mask None (plain causal, S == T) or bool (B|1, 1, T, S), True = attend.
-    Returns (B, T, nh, hs) and the attention weights (B, nh, T, S)."""
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The readable reference, with transformers' attention-function signature. q (B, nh, T, hs), k/v (B, nh,
+    S, hs), mask None (causal, S == T) or bool (B|1, 1, T, S), True = attend. Returns (B, T, nh, hs), (B, nh, T, S)."""
     T, S = query.shape[-2], key.shape[-2]
     if attention_mask is None:
         attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril()
@@ -58,9 +50,8 @@ def eager_attention_forward(
 
 
 def causal_mask(query_slots: torch.Tensor, num_keys: int, padding: torch.Tensor | None) -> torch.Tensor:
-    """(B|1, 1, T, S) bool mask: query t sees cache slots up to its own, ``query_slots[t]``, except
-    padding (``padding`` (B, L) is 1 for real tokens). A query always sees itself, so that a padded row
-    never has every key masked (that would give NaN and spread it to later layers)."""
+    """(B|1, 1, T, S) bool mask: query t sees cache slots up to its own, ``query_slots[t]``, except padding
+    (``padding`` (B, L), 1 = real). A query always sees itself: a fully masked padded row would spread NaN."""
     keys = torch.arange(num_keys, device=query_slots.device)
     mask = keys <= query_slots[:, None]  # (T, S)
     if padding is None:
@@ -71,10 +62,9 @@ def causal_mask(query_slots: torch.Tensor, num_keys: int, padding: torch.Tensor 
 
 
 class ClassEmbedding(nn.Embedding):
-    """One learned vector per class, plus the null class (row ``num_classes``, "no condition") that
-    makes classifier-free guidance possible. ``cls_emb(classes, B)`` is (B, C): the null class for
-    ``classes=None``; in training mode each class becomes the null class with probability
-    ``class_dropout_prob``, so that one model learns the conditional and the unconditional distribution."""
+    """One learned vector per class, plus the null class (row ``num_classes``, "no condition") for classifier-free
+    guidance. ``cls_emb(classes, B)`` is (B, C): the null class for ``classes=None``; in training each class becomes
+    the null class with probability ``class_dropout_prob``: one model learns both distributions."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config.num_classes + 1, config.embed_dim)
@@ -142,8 +132,8 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(GradientCheckpointingLayer):
-    """Pre-norm block: x + attn(ln(x)), then x + mlp(ln(x)). As a ``GradientCheckpointingLayer`` it
-    is recomputed in backward when checkpointing is enabled (x must stay positional for that)."""
+    """Pre-norm block: x + attn(ln(x)), then x + mlp(ln(x)); recomputed in backward under checkpointing
+    (a ``GradientCheckpointingLayer``: x must stay positional)."""
 
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -197,10 +187,9 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
     ``logits, loss = model(input_ids, labels=labels, classes=classes)`` works, and so do ``out.logits``,
     ``out.loss``, ``Trainer`` and ``model.generate`` (every strategy, any cache, ``classes=`` passed on).
 
-    Bad ids, classes, labels and positions raise a ``ValueError`` naming the argument. Their values
-    are read where it costs no host sync: on CPU tensors, never while compiling or exporting. Set
-    ``model.check_input_values = True`` to check tensors on accelerators too (one sync per forward),
-    ``False`` to never check them (``codegpt.generate`` and the data loader check their inputs).
+    Bad ids, classes, labels and positions raise a ``ValueError`` naming the argument; values are read only
+    on CPU tensors and never while compiling (no host sync), unless ``model.check_input_values`` is True
+    (everywhere, one sync per forward) or False (never: ``codegpt.generate`` and the data loader check theirs).
     """
 
     _tied_weights_keys = {"lm_head.weight": "wte.weight"}
@@ -218,15 +207,13 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.post_init()
-        # generate() samples (top-k 100) exactly one image from the start token, never a special id. A fresh
-        # config, not one derived from the model's: 4.x would re-derive that one at generate() after a load.
+        # generate() samples one image, never a special id. A fresh config: 4.x re-derives a model-derived one.
         self.generation_config = GenerationConfig(
             do_sample=True, top_k=min(100, config.codebook_size), max_length=config.max_position_embeddings,
             bos_token_id=config.start_token_id, suppress_tokens=list(range(config.codebook_size, config.vocab_size)))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained``, with ``auto_map`` naming this class for ``AutoModel``
-        and ``AutoModelForCausalLM`` (``register_for_auto_class`` records only one of them)."""
+        """With ``auto_map`` naming this class for AutoModel and AutoModelForCausalLM (register_for_auto_class: one)."""
         if self._auto_class is not None:
             name = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
             ours = {"AutoModel": name, "AutoModelForCausalLM": name}
@@ -234,8 +221,7 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs) -> nn.Embedding:
-        """``PreTrainedModel.resize_token_embeddings``, keeping every code and the start token. New ids are
-        special tokens: ``generate()`` never samples them (``codegpt.generate`` bans ids >= codebook_size)."""
+        """Keeps every code and the start token; new ids are special: never sampled (suppress_tokens)."""
         if new_num_tokens is not None and not self.config.start_token_id < new_num_tokens:
             raise ValueError(f"new_num_tokens must be > start_token_id = {self.config.start_token_id} (the codes and "
                              f"the start token stay), got {new_num_tokens}")
@@ -244,21 +230,17 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         return embeddings
 
     def _validate_generated_length(self, generation_config, input_ids_length: int, *args, **kwargs):
-        # generate() refuses a length beyond one image before its first step: else the forward would refuse
-        # only the step after, and max_new_tokens one too many would silently draw a code past the image.
+        # Refuse a length beyond one image before the first step (one too many would draw a code past the image).
         P, T = self.config.max_position_embeddings, input_ids_length
         if generation_config.max_length > P:
             raise ValueError(f"max_new_tokens must be at most {P - T} and max_length at most {P} (seq_len + 1; the "
                              f"prompt has {T}), got max_length {generation_config.max_length}: beyond one image")
         return super()._validate_generated_length(generation_config, input_ids_length, *args, **kwargs)
 
-    @property
-    def null_class(self) -> int:  # the row of the null class embedding
-        return self.config.num_classes
+    null_class = property(lambda self: self.config.num_classes)  # the row of the null class embedding
 
     def create_masks_for_generate(self, *args, attention_mask: torch.Tensor | None = None, **kwargs):
-        """generate() asks for a 4-D mask when the cache is static; forward builds its own from the 2-D one."""
-        return attention_mask
+        return attention_mask  # generate() asks for a 4-D mask for static caches; forward builds its own
 
     def _checks_values(self, t: torch.Tensor) -> bool:  # whether forward reads t's values (see the class docstring)
         if torch.compiler.is_compiling():
@@ -330,15 +312,13 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
             classes: (B,) class ids in ``[0, num_classes]`` (``num_classes``, or None: the null class).
             attention_mask: (B, past + T), 1 for real tokens and 0 for padding.
             cache / past_key_values: any ``Cache`` (the old name warns where transformers renamed it).
-            position_ids (default: the tokens' cache slots), logits_to_keep (0: all), shift_labels (used
-                instead of ``labels``), cache_position (a keyword, from 4.x's generate): as in transformers.
-            use_cache, output_attentions, output_hidden_states, return_dict: default to the config.
+            position_ids (default: the cache slots), logits_to_keep (0: all), shift_labels, cache_position (4.x's
+                generate), use_cache, output_attentions, output_hidden_states, return_dict: as in transformers.
 
         Returns a :class:`GPTOutput`, or with ``return_dict=False`` its ``to_tuple()``: the fields that are
         not None among (loss, logits, cache, hidden_states, attentions), in that order.
         """
-        # Besides its named keywords, forward takes what generate() (4.57: cache_position) and Trainer
-        # (num_items_in_batch) pass. Anything else is a TypeError, never silently ignored.
+        # Besides its keywords: what generate() (4.57: cache_position) and Trainer pass. Else a TypeError.
         if unknown := sorted(set(kwargs) - {"cache_position", "num_items_in_batch"}):
             raise TypeError(f"GPT.forward() got unexpected keyword arguments {unknown}")
         cfg = self.config
