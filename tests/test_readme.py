@@ -107,7 +107,7 @@ def run_commands(code: str) -> int:
 KNOWN = {
     ("Quickstart", "bash"): 2,
     ("The model", "python"): 1,
-    ("Sampling", "python"): 2,
+    ("Sampling", "python"): 3,
     ("Codebooks and code datasets", "python"): 1,
     ("Training and the command line", "bash"): 1,
     ("Your images, your autoencoder", "bash"): 1,
@@ -143,6 +143,9 @@ def test_python_examples_model_sampling_codebooks(tmp_path, monkeypatch):
     assert ns["codes"].shape == (10, 4, 4)
     exec(block("Sampling", "python", 1), ns)
     assert ns["images"].shape == (10, 4, 4) and torch.equal(ns["images"][:, :2], ns["codes"][:, :2])
+    exec(block("Sampling", "python", 2), ns)
+    assert ns["tokens"].shape == (4, 17) and len({tuple(t.tolist()) for t in ns["tokens"]}) == 4  # four samples
+    assert ns["same_settings"].shape == (4, 17) and ns["greedy"].shape == (1, 17)
     ns.update(latents=torch.randn(40, 4, 4, 4, generator=g), labels=torch.randint(0, 10, (40,), generator=g),
               names=[f"class {i}" for i in range(10)])
     exec(block("Codebooks and code datasets", "python"), ns)
