@@ -566,6 +566,10 @@ def _prepare(
         codebook = Codebook.from_pretrained(codebook_dir)
         # The autoencoder the codebook was fitted on (`codegpt encode` records it) ships with it.
         recorded = read_json(Path(codebook_dir) / "config.json", "codebook_dir").get("autoencoder")
+        beside = Path(codebook_dir).parent
+        if recorded and recorded.get("subfolder") == AUTOENCODER_DIR and (beside / AUTOENCODER_DIR).is_dir():
+            # An upload folder or a Hub snapshot (a re-push): its autoencoder/ ships again, as the new repo's.
+            recorded = {**recorded, "source": str(beside), "revision": None}
         autoencoder_dir, recorded = _local_autoencoder(recorded, repo_id)
         codebook_config = {"autoencoder": recorded} if recorded else None
     card = functools.partial(
