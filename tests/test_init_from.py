@@ -50,6 +50,10 @@ def test_init_from_a_run_starts_from_its_weights_at_step_0(trained_run, tmp_path
     assert recorded["init_from"] == str(trained_run)
     assert recorded["init_from_dir"] == str((trained_run / "model").resolve())
     assert read_starts(tmp_path / "tuned")[0]["step"] == 0
+    # A local source's path stays off the public card.
+    assert run_cli("push", tmp_path / "tuned", "--repo-id", "me/tuned", "--dry-run", tmp_path / "upload",
+                   "--decoder", "a toy patch codebook") == 0
+    assert str(trained_run) not in (tmp_path / "upload" / "README.md").read_text()
 
 
 def test_init_from_trains_on_with_a_new_optimizer(trained_run, tmp_path, fresh_accelerate_state):
@@ -103,6 +107,11 @@ def test_init_from_a_hub_id_records_the_commit(hub_repo, trained_run, tmp_path):
     recorded = read_training_args(tmp_path / "tuned")
     assert (recorded["init_from"], recorded["init_revision"]) == (hub_repo.repo_id, hub_repo.old)
     assert recorded["init_from_commit"] == hub_repo.old
+    # The card says what the run was fine-tuned from: the Hub id and commit, never a local path.
+    assert run_cli("push", tmp_path / "tuned", "--repo-id", "me/tuned", "--dry-run", tmp_path / "upload",
+                   "--decoder", "a toy patch codebook") == 0
+    card = (tmp_path / "upload" / "README.md").read_text()
+    assert hub_repo.repo_id in card and hub_repo.old in card
 
 
 # ---------------------------------------------------------------------------------------------
