@@ -724,7 +724,10 @@ def train(
 
     ``model`` is a ``GPT``, or a ``GPTConfig`` built after seeding (initial weights depend on
     ``args.seed`` only), or None to resume with the checkpoint's own config; a resume with a given
-    model refuses one whose config differs from the checkpoint's. The datasets yield ``codegpt.data``
+    model refuses one whose config differs from the checkpoint's. With ``args.init_from`` (fine-tuning) the
+    first weights and config are the source's (``model`` None, or a ``GPTConfig`` that differs in dropout
+    only); a resume from a checkpoint wins over it (the checkpoint holds the fine-tuned weights) and refuses
+    another source than the run's. The datasets yield ``codegpt.data``
     items; ``eval_dataset`` is scored every ``eval_every`` steps and at the end. ``decode`` turns codes
     (B, H, W) into images in [0, 1] for the sample grid (default: one coloured cell per code);
     ``grid_shape`` defaults to the dataset's, else square, else one row; ``accelerator`` defaults to
