@@ -7,6 +7,11 @@ rounds are interleaved and the median of the per-round time ratios is reported, 
     python bench/bench_train.py                  # fp32 and bf16 autocast, both shapes
     python bench/bench_train.py --rounds 9 --precision fp32 --shape seed
     python bench/bench_train.py --device cuda     # bf16 autocast on the accelerator's own type
+    python bench/bench_train.py --compile --gradient-checkpointing   # + the speed switches against the plain step
+
+``--compile`` and ``--gradient-checkpointing`` add a second table: codegpt's step with ``torch.compile`` (the
+training step as ``codegpt train --compile`` runs it; compiled before timing) and with gradient checkpointing,
+each against codegpt's plain step (time ratio: below 1 is faster), with peak memory side by side.
 
 Refuses to report while other processes load the machine (see ``_harness.machine_is_idle``).
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 from pathlib import Path
 
@@ -51,19 +57,65 @@ def build_models(vocab: int, seq_len: int, embed: int, layers: int, heads: int, 
     return {"codegpt": ours.to(device).train(), "gpt2": gpt2.to(device).train()}
 
 
-def make_step(model: torch.nn.Module, ids: torch.Tensor, precision: str):
+def make_step(model: torch.nn.Module, ids: torch.Tensor, precision: str, forward: torch.nn.Module | None = None):
+    """One training step of ``model``; ``forward`` (e.g. ``torch.compile(model)``) computes the loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    forward = model if forward is None else forward
 
     def step() -> None:
         bf16 = torch.autocast(ids.device.type, dtype=torch.bfloat16)
         ctx = bf16 if precision == "bf16" else contextlib.nullcontext()
         with ctx:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def switch_variants(ours: GPT, compile_: bool, checkpointing: bool
+                    ) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
+    """codegpt's model as the plain step runs it and with each switch asked for, as (model, forward): copies of
+    the same weights, as ``codegpt train`` sets them up (``training._set_checkpointing``, ``torch.compile``)."""
+    from codegpt.training import _set_checkpointing
+
+    variants = {"plain": (ours, ours)}
+    if compile_:
+        compiled = copy.deepcopy(ours)
+        variants["compile"] = (compiled, torch.compile(compiled))
+    if checkpointing:
+        checkpointed = copy.deepcopy(ours)
+        _set_checkpointing(checkpointed, True)
+        variants["gradient checkpointing"] = (checkpointed, checkpointed)
+    return variants
+
+
+def switch_rows(shapes: list[str], precisions: list[str], args: argparse.Namespace, device: torch.device) -> None:
+    print("\n| shape | precision | switch | codegpt step (s) | vs plain | peak MB | plain peak MB |")
+    print("|---|---|---|---|---|---|---|")
+    for name in shapes:
+        vocab, seq_len, embed, layers, heads, batch = SHAPES[name]
+        ids = make_ids(vocab, seq_len, batch, device)
+        for precision in precisions:
+            ours = build_models(vocab, seq_len, embed, layers, heads, device)["codegpt"]
+            variants = switch_variants(ours, args.compile, args.gradient_checkpointing)
+            steps = {k: make_step(m, ids, precision, forward) for k, (m, forward) in variants.items()}
+            for step in steps.values():
+                step()  # compiles (and warms the allocator) before anything is measured
+            peaks = {k: peak_memory_mb(s, device) for k, s in steps.items()}
+            med, ratio = interleaved_medians(steps, args.rounds, baseline="plain", warmup=1, device=device)
+            for variant in variants:
+                if variant != "plain":
+                    print(f"| {name} {vocab}x{seq_len} e{embed} L{layers} B{batch} | {precision} | {variant} | "
+                          f"{med[variant]:.3f} (plain {med['plain']:.3f}) | {ratio[variant]:.3f} | "
+                          f"{peaks[variant]:.0f} | {peaks['plain']:.0f} |", flush=True)
+
+
+def make_ids(vocab: int, seq_len: int, batch: int, device: torch.device) -> torch.Tensor:
+    ids = torch.randint(0, vocab - 1, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = vocab - 1
+    return ids.to(device)
 
 
 def main() -> None:
@@ -74,6 +126,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps, ... (timings synchronise the device)")
     parser.add_argument("--force", action="store_true", help="report even when the machine is busy")
+    parser.add_argument("--compile", action="store_true", help="also time codegpt's step under torch.compile")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="also time codegpt's step with gradient checkpointing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -87,9 +142,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name in shapes:
         vocab, seq_len, embed, layers, heads, batch = SHAPES[name]
-        ids = torch.randint(0, vocab - 1, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
-        ids[:, 0] = vocab - 1
-        ids = ids.to(device)
+        ids = make_ids(vocab, seq_len, batch, device)
         for precision in precisions:
             models = build_models(vocab, seq_len, embed, layers, heads, device)
             steps = {k: make_step(m, ids, precision) for k, m in models.items()}
@@ -98,6 +151,8 @@ def main() -> None:
             print(f"| {name} {vocab}x{seq_len} e{embed} L{layers} B{batch} | {precision} | "
                   f"{med['codegpt']:.3f} | {med['gpt2']:.3f} | {ratio['codegpt']:.3f} | "
                   f"{peaks['codegpt']:.0f} | {peaks['gpt2']:.0f} |", flush=True)
+    if args.compile or args.gradient_checkpointing:
+        switch_rows(shapes, precisions, args, device)
     check_idle_or_exit(args.force, when="after")
 
 

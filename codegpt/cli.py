@@ -192,7 +192,14 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "sample_guidance_scale": {"aliases": ["--guidance-scale"], "help": "classifier-free guidance of the sample grids"},
     "sample_temperature": {"help": "temperature of the sample grids"},
     "log_every": {"help": "steps between progress-bar updates"},
-    "resume": {"help": "continue from the newest complete checkpoint in --out"},
+    "resume": {"help": "continue from the newest complete checkpoint in --out (it wins over --init-from)"},
+    "init_from": {"help": "fine-tune: start from the weights (and model config) of a run, model folder or Hub id "
+                  "org/name; a new optimizer and schedule from step 0"},
+    "init_revision": {"aliases": ["--revision"], "help": "--init-from as a Hub id: its branch, tag or commit"},
+    "adam_fused": {"help": "AdamW's fused kernel (unset: where the device has one: CUDA, CPU)"},
+    "torch_compile": {"aliases": ["--compile"], "help": "torch.compile the training step (the first steps compile)"},
+    "torch_compile_backend": {"help": "torch.compile's backend (unset: inductor)"},
+    "gradient_checkpointing": {"help": "recompute activations in backward: less memory, about a third more time"},
     "overwrite_output_dir": {"help": "delete the run in --out (model, checkpoints, records) and start over"},
     "progress": {"help": "show a progress bar"},
     "num_workers": {"help": "DataLoader workers"},
@@ -423,22 +430,14 @@ def _pixels(codebook_dir: str | os.PathLike | None, spec: dict[str, Any] | None,
         return _Pixels(image_decoder(codebook, autoencoder), codebook, autoencoder)
 
 
-def _run_data(model_arg: str, what: str = "model") -> dict[str, Any]:
-    """What `codegpt train` recorded about the data of the run that ``model_arg`` belongs to ({} if none)."""
+def _model_source(model_arg: str, revision: str | None, what: str = "model") -> tuple[str, dict[str, Any]]:
+    """A run, model folder or Hub id (at ``revision``, fetched to the local cache) as a local path, and what the
+    run recorded about its data ({} if none; a Hub model: the codebook it ships)."""
     with _user_errors():
-        return resolve_run(model_arg, what).data or {}
-
-
-def _model_path(path: str) -> str:
-    """A local folder as given, or a Hub repo id downloaded (cache-aware) to a local folder."""
-    if Path(path).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(path)
-    except (OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as err:
-        raise CLIError(f"model: {path} is neither a folder nor a Hub model that can be downloaded ({err})") from None
+        run = resolve_run(model_arg, what, revision=revision)
+    if run.hub is not None:
+        _print(f"{what}: {run.hub['repo_id']} at commit {run.hub['commit']}")
+    return (str(run.model_dir) if run.hub is not None else model_arg), run.data or {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,6 +645,25 @@ def _resumed_config(targs: TrainingArguments, inputs: TrainInputs, given: dict[s
         return None
     with _user_errors(f"{checkpoint}: ", kinds=(*_BAD_INPUT, OSError)):
         saved = GPTConfig.from_pretrained(checkpoint / MODEL_DIR)
+    return _config_with(saved, given, dataset)
+
+
+def _init_config(targs: TrainingArguments, inputs: TrainInputs, given: dict[str, Any]) -> GPTConfig:
+    """With --init-from: the source's model config, with the dropout flags the user gave (the shape is the
+    source's: its weights start the run)."""
+    shape = [f"--{name.replace('_', '-')}" for name in ("embed_dim", "num_layers", "num_heads", "unconditional")
+             if name in given] + (["--config"] if inputs.config else [])
+    if shape:
+        raise CLIError(f"--init-from {targs.init_from}: the model's shape is the source's; drop {', '.join(shape)}")
+    with _user_errors():
+        run = resolve_run(targs.init_from, "--init-from", revision=targs.init_revision)
+    with _user_errors(f"--init-from {targs.init_from}: ", kinds=(*_BAD_INPUT, OSError)):
+        saved = GPTConfig.from_pretrained(run.model_dir)
+    return _config_with(saved, {k: v for k, v in given.items() if k in ("dropout", "class_dropout")}, None)
+
+
+def _config_with(saved: GPTConfig, given: dict[str, Any], dataset: CodeDataset | None) -> GPTConfig:
+    """``saved`` with the model flags the user gave applied."""
     overrides = {name: given[name] for name in ("embed_dim", "num_layers", "num_heads") if name in given}
     if "dropout" in given:
         overrides.update(embd_dropout=given["dropout"], resid_dropout=given["dropout"])
@@ -674,7 +692,12 @@ def _run_train(args: argparse.Namespace) -> int:
     )
     data = _open_data(inputs.data, inputs.val_fraction, inputs.split_seed)
     config = _resumed_config(targs, inputs, given, data.dataset)
-    if config is None:
+    if config is None and targs.init_from is not None:
+        config = _init_config(targs, inputs, given)
+        with _user_errors(f"--init-from {targs.init_from}: "):
+            check_compatible(config, data.dataset.codebook_size, data.dataset.grid, data.dataset.num_classes,
+                             where=f"the dataset {inputs.data}")
+    elif config is None:
         config = _model_config(inputs, data.dataset)
     else:
         with _user_errors():
@@ -739,12 +762,12 @@ def _run_sample(args: argparse.Namespace) -> int:
     _check_out("--save-individual", args.save_individual, folder=True)
     if args.codebook is not None:
         _codebook_folder(args.codebook)
-    args.model = _model_path(args.model)
+    args.model, record = _model_source(args.model, args.revision)
     model = _load_model(args.model, args.device)
     config = model.config
     with _user_errors("--grid: "):
         grid = _check_grid(args.grid, config.seq_len)
-    pixels = _recorded_pixels(args, config, _run_data(args.model))
+    pixels = _recorded_pixels(args, config, record)
     decode = pixels and pixels.decode
     if args.save_individual and (pixels is None or pixels.autoencoder is None):
         raise CLIError("--save-individual needs an autoencoder's codebook (from `codegpt encode`), recorded or "
@@ -853,9 +876,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     _check_out("--out", args.out, folder=False)
     if args.codebook is not None:
         _codebook_folder(args.codebook)
-    args.model = _model_path(args.model)
+    args.model, record = _model_source(args.model, args.revision)
     model = _load_model(args.model, args.device)
-    record = _run_data(args.model)
     data_dir = args.eval_data or args.data or record.get("data")
     if data_dir is None:
         raise CLIError("--data: the run records no data; give the code dataset (or encoding) it was trained on")
@@ -953,8 +975,8 @@ def _same_codebook(a: Path | None, b: Path) -> None:
 
 def _run_push(args: argparse.Namespace) -> int:
     sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "guidance_scale")}
-    # Default: the codebook and data training saw.
-    record = _run_data(args.model_dir, "model_dir")
+    # Default: the codebook and data training saw (a Hub model: the codebook it ships).
+    args.model_dir, record = _model_source(args.model_dir, args.revision, "model_dir")
     codebook_dir, data_dir = args.codebook or record.get("codebook"), args.data or record.get("data")
     with _user_errors():
         common = {
@@ -1160,6 +1182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors. MODEL may be a Hub repo id.",
     )
     p.add_argument("model", help="training run folder, model folder (save_pretrained) or Hub repo id")
+    p.add_argument("--revision", help="a Hub model's branch, tag or commit (default: main)")
     p.add_argument("--out", default="samples.png", help="PNG to write")
     p.add_argument("--codes-out", help="also write the codes (N, H, W) and classes to this safetensors file")
     p.add_argument("--classes", type=_int_list, help="comma-separated class ids (default: every class)")
@@ -1191,6 +1214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data, not published figures.",
     )
     p.add_argument("model", help="training run folder, model folder (save_pretrained) or Hub repo id")
+    p.add_argument("--revision", help="a Hub model's branch, tag or commit (default: main)")
     p.add_argument("--data", help="an encoding or code dataset the model was trained on (default: the run's)")
     p.add_argument("--eval-data", metavar="DIR", help="a separate test set, all held out (encode it with "
                    "--codebook TRAINING_ENCODING/codebook)")
@@ -1219,7 +1243,9 @@ def build_parser() -> argparse.ArgumentParser:
         "or `hf auth login`; it is never taken on the command line or written anywhere.",
         [CardInfo],
     )
-    p.add_argument("model_dir", help="a training run folder, one of its checkpoints, or a save_pretrained folder")
+    p.add_argument("model_dir", help="a training run folder, one of its checkpoints, a save_pretrained folder, or a "
+                   "Hub repo id (re-push: its weights, codebook and autoencoder)")
+    p.add_argument("--revision", help="MODEL_DIR as a Hub id: its branch, tag or commit (default: main)")
     p.add_argument("--repo-id", required=True, help="the Hub repo, org/name")
     p.add_argument("--dry-run", metavar="OUT_DIR", help="write the exact upload folder here and upload nothing")
     p.add_argument("--overwrite", action="store_true", help="with --dry-run: replace an existing OUT_DIR")

@@ -104,7 +104,8 @@ _SPLIT_PREFIXES = {"eval_": "validation", "val_": "validation", "valid_": "valid
 # Training arguments about where and how a run was launched, not about the model (output_dir would
 # also publish a local path).
 _OPERATIONAL_ARGS = frozenset(
-    {"output_dir", "overwrite_output_dir", "resume", "progress", "num_workers", "log_every", "logging_dir"}
+    {"output_dir", "overwrite_output_dir", "resume", "progress", "num_workers", "log_every", "logging_dir",
+     "init_from_dir"}
 )
 
 
@@ -286,6 +287,8 @@ def _training_rows(training_args: Mapping[str, Any] | None) -> list[tuple[str, s
             raise TypeError(f"training_args keys must be str, got {key!r}")
         if key in _OPERATIONAL_ARGS or _SECRET_KEY.search(key) or (isinstance(value, str) and value.startswith("hf_")):
             continue  # a local path, or a token pasted into a config, must not end up on a public card
+        if key == "init_from" and "init_from_dir" in training_args:
+            continue  # fine-tuned from a local folder: its path says nothing to a reader of the card
         try:
             shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         except TypeError:
@@ -581,6 +584,10 @@ def _prepare(
         codebook = Codebook.from_pretrained(codebook_dir)
         # The autoencoder the codebook was fitted on (`codegpt encode` records it) ships with it.
         recorded = read_json(Path(codebook_dir) / "config.json", "codebook_dir").get("autoencoder")
+        beside = Path(codebook_dir).parent
+        if recorded and recorded.get("subfolder") == AUTOENCODER_DIR and (beside / AUTOENCODER_DIR).is_dir():
+            # An upload folder or a Hub snapshot (a re-push): its autoencoder/ ships again, as the new repo's.
+            recorded = {**recorded, "source": str(beside), "revision": None}
         autoencoder_dir, recorded = _local_autoencoder(recorded, repo_id)
         codebook_config = {"autoencoder": recorded} if recorded else None
     card = functools.partial(

@@ -56,6 +56,7 @@ __all__ = [
     "LOCK", "checkpoint_name", "write_manifest", "check_manifest", "read_trainer_state", "checkpoint_problem",
     "checkpoint_folders", "complete_checkpoints", "newest_checkpoint", "remove_partial_checkpoints", "acquire_lock",
     "release_lock", "read_starts", "record_start", "read_training_args", "verify_run", "RunFiles", "resolve_run",
+    "is_repo_id", "fetch_hub_model",
     "load_model", "read_metrics", "write_log", "append_log", "Decoder", "sample_classes", "render_codes",
     "save_image_grid",
 ]
@@ -337,20 +338,78 @@ class RunFiles:
     metrics: dict[str, Any] | None  # the evaluation of these weights, if the run made one
     training_args: dict[str, Any] | None  # those in force: the latest start's
     data: dict[str, Any] | None = None  # the run's RUN_DATA: what its codes decode through
+    hub: dict[str, Any] | None = None  # fetched from the Hub: {"repo_id", "revision" (as asked), "commit"}
 
 
-def resolve_run(path: str | os.PathLike, what: str = "model_dir") -> RunFiles:
+# What a fetch of a prior from the Hub takes: the model (config, weights, generation config), its codebook and
+# autoencoder (`codegpt push` ships them in codebook/ and autoencoder/); not the remote code nor the card.
+HUB_PATTERNS = ("*.json", "*.safetensors")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hub model id ``org/name`` (not a path: no leading ``.``, ``/`` or ``~``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(text, str) or text.count("/") != 1 or text.startswith((".", "~")) or text.endswith("/"):
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def fetch_hub_model(repo_id: str, revision: str | None = None, what: str = "model") -> tuple[Path, str]:
+    """The local snapshot of a Hub model (downloaded, or from the cache; offline with ``HF_HUB_OFFLINE=1``)
+    and the commit it holds. Fetches ``HUB_PATTERNS`` only. Raises ``FileNotFoundError`` naming ``what``
+    when neither the Hub nor the cache has it."""
+    from huggingface_hub import snapshot_download
+
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise ValueError(f"{what}: revision must be a branch, tag or commit of {repo_id}, got {revision!r}")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS)))
+    except (OSError, ValueError) as err:  # huggingface_hub's not-found, offline and HTTP errors are OSErrors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        at = f" at revision {revision!r}" if revision else ""
+        raise FileNotFoundError(f"{what}: no such directory {repo_id!r}, and the Hub model {repo_id}{at} could not be "
+                                f"fetched ({first})") from None
+    # The cache keeps each commit in snapshots/<commit>/.
+    commit = folder.name if _COMMIT_RE.match(folder.name) else None
+    return folder, commit
+
+
+def resolve_run(path: str | os.PathLike, what: str = "model_dir", revision: str | None = None) -> RunFiles:
     """The model folder, its evaluation, training arguments and data record of a run (or of a model folder).
 
     ``path`` is a run folder of ``codegpt train`` (its final ``model/``, else its newest complete
-    checkpoint), a checkpoint ``checkpoints/step-N``, or any ``save_pretrained`` folder. Metrics are
+    checkpoint), a checkpoint ``checkpoints/step-N``, any ``save_pretrained`` folder, or a Hub model id
+    ``org/name`` (at ``revision``: a branch, tag or commit). A local folder wins over a Hub id of the same
+    name; a Hub model is fetched into the Hugging Face cache (``fetch_hub_model``) and gives neither metrics
+    nor arguments, and its ``data`` names the codebook it ships (``codebook/``), if any. Metrics are
     those of these weights: a checkpoint's last evaluation at its own step, the final model's last
     line of ``log.jsonl``. A bare model folder outside a run gives neither metrics nor arguments.
     Errors name ``what``, the argument the path came from.
     """
+    given = path
     path = check_path(what, path)
+    if not path.exists() and isinstance(given, str) and is_repo_id(given):  # a Path object is a path
+        folder, commit = fetch_hub_model(given, revision, what)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{what}: the Hub repo {given} (commit {commit}) holds no config.json: not a model")
+        record = None
+        if (folder / "codebook" / "config.json").is_file():  # the layout of `codegpt push` (codegpt.hub)
+            spec = read_json(folder / "codebook" / "config.json", what).get("autoencoder")
+            if spec and spec.get("kind") == "diffusers" and (folder / str(spec.get("subfolder")) / "config.json"
+                                                              ).is_file():
+                spec = {**spec, "source": str(folder), "revision": None}  # the autoencoder of this very commit
+            record = {"data": None, "codebook": str(folder / "codebook"), "autoencoder": spec, "split": None}
+        return RunFiles(folder, None, None, record, {"repo_id": given, "revision": revision, "commit": commit})
     if not path.is_dir():
         raise FileNotFoundError(f"{what}: no such directory {str(path)!r}")
+    if revision is not None:
+        raise ValueError(f"{what}: revision {revision!r} is for a Hub model id, and {str(path)!r} is a local folder")
     if (path / "config.json").is_file():
         model_dir = path
     elif (path / MODEL_DIR / "config.json").is_file():
@@ -393,14 +452,16 @@ def load_model(
     device: str | torch.device | None = "auto",
     dtype: torch.dtype | str | None = None,
     what: str = "model_dir",
+    revision: str | None = None,
 ) -> GPT:
-    """The model of ``path`` (anything ``resolve_run`` accepts) on ``device``, in eval mode.
+    """The model of ``path`` (anything ``resolve_run`` accepts: a run, a model folder, a Hub id at
+    ``revision``) on ``device``, in eval mode.
 
     ``dtype=None`` keeps the precision the weights were saved in (transformers' ``dtype="auto"``;
     a training run saves fp32); pass a dtype to cast. ``device="auto"`` is the accelerator when
     there is one, else the CPU.
     """
-    model_dir = resolve_run(path, what).model_dir
+    model_dir = resolve_run(path, what, revision).model_dir
     model_type = read_json(model_dir / "config.json", what).get("model_type")
     if model_type != GPTConfig.model_type:
         raise ValueError(f"{what}: {str(model_dir)!r} holds a {model_type!r} model, not a {GPTConfig.model_type!r} one")

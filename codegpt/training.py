@@ -55,15 +55,23 @@ __all__ = [
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
-# The arguments a resume may change: how far the run goes (the cosine then ends at the new max_steps) and
-# how it logs, evaluates, samples, saves and loads data. Every other argument decides the weights (seed,
-# batch, accumulation, optimizer, schedule, precision) and must stay as the run started; so must the model
-# config and the data.
+# The arguments a resume may change: how far the run goes (the cosine then ends at the new max_steps), how
+# it logs, evaluates, samples, saves and loads data, and how fast it computes the same step (torch.compile,
+# gradient checkpointing: the same math; compiled kernels round differently, and draw dropout masks from
+# their own generator). Every other argument decides the weights (seed, batch, accumulation, optimizer and
+# its fused kernel, which the checkpoint's optimizer state carries, schedule, precision) and must stay as
+# the run started; so must the model config and the data.
 RESUMABLE = frozenset({
     "output_dir", "max_steps", "eval_every", "eval_batch_size", "save_every", "save_total_limit", "sample_every",
     "samples_per_class", "sample_guidance_scale", "sample_temperature", "log_every", "progress", "num_workers",
+    "torch_compile", "torch_compile_backend", "gradient_checkpointing",
 })
 _HOW_STARTED = frozenset({"resume", "overwrite_output_dir"})  # how a start was asked for, not a setting
+# Where a fine-tuning run's first weights came from: a resume continues from its checkpoint whatever they say,
+# and refuses another source only when one is given.
+_INIT_FIELDS = ("init_from", "init_revision")
+# The GPTConfig fields a fine-tuning run may set anew: they shape no weight.
+_DROPOUT_FIELDS = frozenset({"embd_dropout", "attn_dropout", "resid_dropout", "class_dropout_prob"})
 # The GPTConfig fields that make the model (use_cache only changes what generate() keeps).
 _MODEL_FIELDS = tuple(name for name in inspect.signature(GPTConfig.__init__).parameters
                       if name not in ("self", "kwargs", "use_cache"))
@@ -90,6 +98,14 @@ class TrainingArguments:
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = 1.0
     mixed_precision: str | None = "no"  # "no" (fp32), "bf16", "fp16"; None: as Accelerate is configured
+    # Fine-tuning: the weights (and model config) of a run, model folder or Hub id ``org/name`` at init_revision
+    # start the run; the optimizer, schedule and step start anew.
+    init_from: str | None = None
+    init_revision: str | None = None
+    adam_fused: bool | None = None  # AdamW's fused kernel; None: where the device has one (CUDA, CPU)
+    torch_compile: bool = False  # torch.compile the training step's forward and backward
+    torch_compile_backend: str | None = None  # torch.compile's backend; None: its default (inductor)
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
     seed: int = 0
     eval_every: int = 0
     eval_batch_size: int = 256
@@ -125,6 +141,14 @@ class TrainingArguments:
             check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
         if self.sample_guidance_scale is not None:
             check_float("sample_guidance_scale", self.sample_guidance_scale, low=0.0)
+        if isinstance(self.init_from, os.PathLike):
+            self.init_from = str(self.init_from)
+        for name in ("init_from", "init_revision", "torch_compile_backend"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be a non-empty str or None, got {value!r}")
+        if self.init_revision is not None and self.init_from is None:
+            raise ValueError(f"init_revision {self.init_revision!r} needs init_from (the Hub model of that revision)")
         if self.mixed_precision is not None:
             check_choice("mixed_precision (fp32 is 'no'; None: what `accelerate launch` says)",
                          self.mixed_precision, MIXED_PRECISION)
@@ -422,6 +446,10 @@ def _check_resume(args: TrainingArguments, run_args: dict[str, Any], resume_from
     if "args" not in previous and (out / runs.TRAINING_ARGS).is_file():  # a run from before starts.jsonl
         previous = {"args": read_json(out / runs.TRAINING_ARGS, "output_dir")}
     old_args = {k: v for k, v in previous.get("args", {}).items() if k not in _HOW_STARTED}
+    if args.init_from is None:  # the checkpoint holds the fine-tuned weights: its source stays on record
+        run_args.update({k: v for k, v in old_args.items() if k.startswith("init_")})
+    else:  # the same source given again: what it resolved to at the start stays on record
+        run_args.update({k: v for k, v in old_args.items() if k.startswith("init_") and k not in run_args})
     fixed = {k: v for k, v in run_args.items() if k not in RESUMABLE | _HOW_STARTED}
     problems = _differences(old_args, fixed)
     if model is not None:
@@ -438,6 +466,58 @@ def _check_resume(args: TrainingArguments, run_args: dict[str, Any], resume_from
     changed = {k: [old_args[k], v] for k, v in run_args.items()
                if k in RESUMABLE and k in old_args and old_args[k] != v}
     return {"step": step, "resumed_from": resume_from.name, "changed": changed}
+
+
+def _init_model(args: TrainingArguments, accelerator: Accelerator, given: GPT | GPTConfig | None
+                ) -> tuple[GPT, dict[str, Any]]:
+    """The first weights of a fine-tuning run: those of ``args.init_from`` (at ``init_revision``), in fp32, with
+    its config, or with ``given``'s when that differs only in dropout. Returns the model and what to record
+    of the source: the local model folder, or the Hub commit."""
+    if isinstance(given, GPT):
+        raise ValueError(f"init_from {args.init_from!r} gives the first weights, and so does the GPT passed as model; "
+                         "pass model=None (or a GPTConfig to change dropout)")
+
+    def resolve() -> tuple[str, dict[str, Any]]:  # main process first: a download, and errors named once
+        run = runs.resolve_run(args.init_from, "init_from", revision=args.init_revision)
+        if run.hub is not None:
+            return str(run.model_dir), {"init_from_commit": run.hub["commit"]}
+        return str(run.model_dir), {"init_from_dir": str(run.model_dir.resolve())}
+
+    model_dir, source = _on_main(accelerator, resolve)
+    model = runs.load_model(model_dir, device="cpu", dtype=torch.float32, what="init_from")
+    if given is not None:
+        differ = [d for d in _differences({k: getattr(model.config, k) for k in _MODEL_FIELDS},
+                                          {k: getattr(given, k) for k in _MODEL_FIELDS})
+                  if d.split(":")[0] not in _DROPOUT_FIELDS]
+        if differ:
+            raise ValueError(f"init_from {args.init_from}: the model config given differs from the source's in "
+                             f"{'; '.join(differ)}; only dropout may change when fine-tuning (or pass model=None)")
+        weights = model.state_dict()
+        model = GPT(given)
+        model.load_state_dict(weights)
+    return model, source
+
+
+def _adam_fused(asked: bool | None, device: torch.device) -> bool | None:
+    """AdamW's ``fused`` for ``device``: the fused kernel where asked for or (None) where the device has one
+    (CUDA and ROCm, and the CPU since torch 2.4), else None (torch's default, foreach)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    supported = device.type in _get_fused_kernels_supported_devices()
+    if asked and not supported:
+        raise ValueError(f"adam_fused: torch {torch.__version__} has no fused AdamW on {device.type}; "
+                         "leave adam_fused unset (None) or False")
+    return True if (asked or (asked is None and supported)) else None
+
+
+def _set_checkpointing(model: GPT, on: bool) -> None:
+    """Gradient (activation) checkpointing on every block, through transformers' API of this version."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
 
 
 def _check_rng_restored(checkpoint: Path, process_index: int) -> None:
@@ -490,6 +570,10 @@ class _Loop:
         self.step, self.start_step, self.eval_history, self.global_batch = step, step, eval_history, global_batch
         self.grid_shape, self.decode = grid_shape, decode
         self.out = Path(args.output_dir)
+        # The training step's forward (and so its backward) compiled; evaluation, sampling and saving use the
+        # plain module (other shapes, and a KV cache, would recompile it).
+        self.step_model = (torch.compile(model, backend=args.torch_compile_backend or "inductor")
+                           if args.torch_compile else model)
         self.bar = tqdm(total=args.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not (args.progress and accelerator.is_main_process))
 
@@ -503,7 +587,7 @@ class _Loop:
         for _ in range(self.args.gradient_accumulation_steps):
             batch = self.data.next()
             with accelerator.accumulate(model):  # no gradient sync across processes until the last
-                loss = model(
+                loss = self.step_model(
                     input_ids=batch["input_ids"].to(device),
                     labels=batch["labels"].to(device),
                     classes=batch["classes"].to(device) if conditional else None,
@@ -640,7 +724,10 @@ def train(
 
     ``model`` is a ``GPT``, or a ``GPTConfig`` built after seeding (initial weights depend on
     ``args.seed`` only), or None to resume with the checkpoint's own config; a resume with a given
-    model refuses one whose config differs from the checkpoint's. The datasets yield ``codegpt.data``
+    model refuses one whose config differs from the checkpoint's. With ``args.init_from`` (fine-tuning) the
+    first weights and config are the source's (``model`` None, or a ``GPTConfig`` that differs in dropout
+    only); a resume from a checkpoint wins over it (the checkpoint holds the fine-tuned weights) and refuses
+    another source than the run's. The datasets yield ``codegpt.data``
     items; ``eval_dataset`` is scored every ``eval_every`` steps and at the end. ``decode`` turns codes
     (B, H, W) into images in [0, 1] for the sample grid (default: one coloured cell per code);
     ``grid_shape`` defaults to the dataset's, else square, else one row; ``accelerator`` defaults to
@@ -703,19 +790,30 @@ def _train(args: TrainingArguments, accelerator: Accelerator, model: GPT | GPTCo
                              f"would not be exact: launch {state['num_processes']} processes")
         if model is None:  # the checkpoint's own model, whatever the flags say
             model = GPTConfig.from_pretrained(resume_from / runs.MODEL_DIR)
+    elif args.init_from is not None:
+        model, source = _init_model(args, accelerator, model)
+        run_args.update(source)  # recorded: the card says what the run was fine-tuned from
     elif model is None:
         raise ValueError(f"model: None stands for the checkpoint's model, and {out} has no checkpoint to resume "
-                         "from; pass a GPT or a GPTConfig")
+                         "from; pass a GPT or a GPTConfig (or init_from)")
 
     set_seed(args.seed)  # identical initial weights on every process
     if isinstance(model, GPTConfig):
         model = GPT(model)
-    grid_shape = _grid_shape(model.config, train_dataset, grid_shape)
+    try:
+        grid_shape = _grid_shape(model.config, train_dataset, grid_shape)
+    except ValueError as err:
+        if resume_from is None and args.init_from is not None:
+            raise ValueError(f"init_from {args.init_from}: {err}") from None
+        raise
     model.train()
     if accelerator.device.type == "cpu":
         use_cpu_kernels(model)  # same parameters, same state dict; removed again at the end
+    if args.gradient_checkpointing:
+        _set_checkpointing(model, True)
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_epsilon
+        parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=args.adam_betas, eps=args.adam_epsilon,
+        fused=_adam_fused(args.adam_fused, accelerator.device),
     )
     # A plain function: LambdaLR saves no state for one, so the scheduler's state_dict stays plain data
     # (and loads with weights_only=True).
@@ -776,4 +874,6 @@ def _train(args: TrainingArguments, accelerator: Accelerator, model: GPT | GPTCo
     _on_main(accelerator, save_model)
     samples = loop.write_samples(out / runs.SAMPLES)
     remove_cpu_kernels(accelerator.unwrap_model(model))  # the caller's model as it came, plain modules
+    if args.gradient_checkpointing:
+        _set_checkpointing(accelerator.unwrap_model(model), False)
     return TrainResult(out, model_dir, loop.step, resume_from, eval_history, samples)

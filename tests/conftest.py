@@ -175,3 +175,34 @@ def start_ids():
 def prefix_ids():
     """``prefix_ids(model, batch, codes, seed=1)``: prompts of the start token and random codes."""
     return _prefix_ids
+
+
+@pytest.fixture
+def hub_repo(trained_run, tmp_path, monkeypatch):
+    """A Hub model ``toy-org/toy-prior`` in a hand-made Hugging Face cache, offline (HF_HUB_OFFLINE=1): two
+    commits, each the upload folder of ``codegpt push`` (model + a 16-code patch codebook in codebook/), ``old``
+    holding ``trained_run``'s checkpoint at step 2 and ``new`` (main) its final model."""
+    from types import SimpleNamespace
+
+    import huggingface_hub.constants
+
+    from codegpt.codebook import Codebook
+    from codegpt.hub import prepare_upload_folder
+
+    g = torch.Generator().manual_seed(0)
+    Codebook.fit(torch.randn(400, 4, generator=g), 16, seed=0, progress=False).save_pretrained(tmp_path / "codebook")
+    cache = tmp_path / "hf" / "hub"
+    repo = cache / "models--toy-org--toy-prior"
+    old, new = "1" * 40, "2" * 40
+    for commit, source in ((old, trained_run / "checkpoints" / "step-000002"), (new, trained_run)):
+        prepare_upload_folder(source, repo / "snapshots" / commit, repo_id="toy-org/toy-prior",
+                              codebook_dir=tmp_path / "codebook", metrics={})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf")), ("HF_HUB_CACHE", str(cache))):
+        monkeypatch.setenv(name, value)
+    # huggingface_hub reads both when imported: set them where it looks.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return SimpleNamespace(repo_id="toy-org/toy-prior", old=old, new=new, snapshots=repo / "snapshots",
+                           codebook=tmp_path / "codebook")

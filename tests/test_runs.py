@@ -103,3 +103,44 @@ def test_patch_decoder_renders_in_unit_range_and_grid_is_a_png(tmp_path):
     assert Image.open(png).size == (2 + 4 * 8 + 2, 2 + 4 * 8 + 2)
     colours = render_codes(torch.tensor([[0, 1, 2, 0]]), (2, 2), None, 3)  # one colour per code
     assert colours.shape == (1, 2, 2, 3) and (colours[0, 0, 0] == colours[0, 1, 1]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub ids wherever a run folder is taken
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_hub_id_resolves_to_its_snapshot_at_the_revision_asked(hub_repo, trained_run):
+    main = resolve_run(hub_repo.repo_id)
+    assert main.model_dir == hub_repo.snapshots / hub_repo.new
+    assert main.hub == {"repo_id": hub_repo.repo_id, "revision": None, "commit": hub_repo.new}
+    assert main.metrics is None and main.training_args is None
+    assert main.data["codebook"] == str(main.model_dir / "codebook")  # the codebook it ships
+    pinned = resolve_run(hub_repo.repo_id, revision=hub_repo.old)
+    assert pinned.model_dir == hub_repo.snapshots / hub_repo.old and pinned.hub["commit"] == hub_repo.old
+    # The weights are the run's: the final model at main, the step-2 checkpoint at the old commit.
+    for revision, local in ((None, trained_run), (hub_repo.old, trained_run / "checkpoints" / "step-000002")):
+        hub_model = load_model(hub_repo.repo_id, device="cpu", revision=revision)
+        local_model = load_model(local, device="cpu")
+        for (key, a), b in zip(hub_model.state_dict().items(), local_model.state_dict().values(), strict=True):
+            assert torch.equal(a, b), key
+    assert resolve_run(hub_repo.repo_id, revision="main").hub["commit"] == hub_repo.new
+
+
+def test_a_local_folder_wins_and_a_missing_one_says_so(hub_repo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # Path-like names that do not exist: no such directory, no word about repo ids.
+    for missing in ("nowhere", "./toy-org/none", str(tmp_path / "none"), "a/b/c", tmp_path / "toy-org/toy-prior"):
+        with pytest.raises(FileNotFoundError, match="model: no such directory") as err:
+            resolve_run(missing, what="model")
+        assert "Hub" not in str(err.value)
+    # A repo id the cache does not hold (offline): named, with the Hub's reason.
+    with pytest.raises(FileNotFoundError, match="no such directory 'toy-org/other', and the Hub model toy-org/other"):
+        resolve_run("toy-org/other", what="model")
+    with pytest.raises(FileNotFoundError, match="at revision 'v9' could not be fetched"):
+        resolve_run("toy-org/toy-prior", what="model", revision="v9")
+    # A folder named like the repo id is what the user meant.
+    shutil.copytree(hub_repo.snapshots / hub_repo.old, tmp_path / hub_repo.repo_id)
+    assert resolve_run(hub_repo.repo_id).hub is None
+    with pytest.raises(ValueError, match="revision 'main' is for a Hub model id"):
+        resolve_run(hub_repo.repo_id, revision="main")
