@@ -63,7 +63,7 @@ from .runs import Decoder
 
 __all__ = [
     "TrainingArguments", "TrainResult", "train", "make_accelerator", "parameter_groups", "lr_lambda",
-    "check_compatible", "config_for", "EpochBatchSampler", "RESUMABLE", "data_identity",
+    "check_compatible", "config_for", "EpochBatchSampler", "RESUMABLE", "data_identity", "make_ema", "TRACKERS",
 ]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -359,6 +359,14 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
 def logging_dir(args: TrainingArguments) -> Path:
     """Where file-based trackers write: ``args.logging_dir``, else ``output_dir/logs``."""
     return Path(args.logging_dir) if args.logging_dir is not None else Path(args.output_dir) / runs.LOGS_DIR
+
+
+def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """The exponential moving average of ``model``'s weights that training keeps: torch's ``AveragedModel``, an
+    fp32 copy updated with ``ema.update_parameters(model)`` after each optimizer step (the first update copies
+    the weights; each later one moves the average ``1 - decay`` of the way to them)."""
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)).float()
+    return ema.requires_grad_(False)
 
 
 def _on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
@@ -880,11 +888,7 @@ def _train(args: TrainingArguments, accelerator: Accelerator, model: GPT | GPTCo
     )
     # The average of the weights, in fp32 whatever the model computes in, on every process (each evaluates its
     # share); a copy made before `prepare` wraps (or compiles) the model.
-    ema = None
-    if args.ema_decay is not None:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay)).float()
-        ema.requires_grad_(False)
-        ema.to(accelerator.device)
+    ema = make_ema(model, args.ema_decay).to(accelerator.device) if args.ema_decay is not None else None
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     sampler = EpochBatchSampler(
