@@ -192,7 +192,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "samples_per_class": {"help": "samples per class (columns of the sample grids)"},
     "sample_guidance_scale": {"aliases": ["--guidance-scale"], "help": "classifier-free guidance of the sample grids"},
     "sample_temperature": {"help": "temperature of the sample grids"},
-    "log_every": {"help": "steps between progress-bar updates"},
+    "log_every": {"help": "steps between training records (log.jsonl, trackers, progress bar)"},
     "resume": {"help": "continue from the newest complete checkpoint in --out"},
     "overwrite_output_dir": {"help": "delete the run in --out (model, checkpoints, records) and start over"},
     "progress": {"help": "show a progress bar"},
