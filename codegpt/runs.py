@@ -63,8 +63,8 @@ __all__ = [
     "checkpoint_folders", "complete_checkpoints", "newest_checkpoint", "remove_partial_checkpoints", "acquire_lock",
     "release_lock", "read_starts", "record_start", "read_training_args", "verify_run", "RunFiles", "resolve_run",
     "load_model", "read_metrics", "write_log", "append_log", "read_log", "merge_log", "is_eval_record", "metrics_of",
-    "plot_losses", "RAW_MODEL_DIR", "LOSS_PLOT", "LOGS_DIR", "EMA_PREFIX", "Decoder", "sample_classes", "render_codes",
-    "save_image_grid",
+    "plot_losses", "RAW_MODEL_DIR", "LOSS_PLOT", "LOGS_DIR", "TRACKER_PROJECT", "EMA_PREFIX", "Decoder",
+    "sample_classes", "render_codes", "save_image_grid",
 ]
 
 MODEL_DIR = "model"

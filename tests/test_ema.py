@@ -97,6 +97,11 @@ def test_without_eval_ema_only_the_trained_weights_are_scored_and_sampled(tmp_pa
     grid = runs.save_image_grid(runs.render_codes(codes, (2, 4), None, raw.config.codebook_size),
                                 tmp_path / "again.png", rows=3)
     assert grid.read_bytes() == result.samples_png.read_bytes()
+    # Started over without EMA, the run folder keeps nothing of the averaged run.
+    again = train(tiny_args(tmp_path / "run", max_steps=2, save_every=0, ema_decay=None, overwrite_output_dir=True),
+                  tiny_config(dataset), dataset, dataset)
+    assert again.raw_model_dir is None and not (tmp_path / "run" / "model-raw").exists()
+    assert again.final_eval == again.eval_history[-1] == runs.resolve_run(again.output_dir).metrics
 
 
 def test_ema_settings_are_checked_and_fixed_for_a_run(tmp_path, learnable_dataset, tiny_config):
