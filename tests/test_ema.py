@@ -76,6 +76,18 @@ def test_ema_is_torchs_average_saved_as_the_model_beside_the_trained_weights(tmp
     assert runs.resolve_run(out).metrics == result.final_eval
     assert runs.resolve_run(out / "model-raw").metrics == pytest.approx({"step": 3, **evaluate(raw, val_part)})
     assert runs.resolve_run(out / "checkpoints" / "step-000002").metrics["loss_nats"] == evaluations[1]["ema_loss_nats"]
+    # A push ships the average, with its figures and the EMA setting on the card.
+    from huggingface_hub import ModelCard
+
+    from codegpt.hub import CardInfo, prepare_upload_folder
+
+    info = CardInfo(decoder="a test decoder", dataset_id="toy-codes")
+    upload = prepare_upload_folder(out, tmp_path / "upload", repo_id="someone/ema-prior", info=info)
+    assert all(torch.equal(weights(upload)[k], averaged[2][k]) for k in weights(upload))
+    card = ModelCard((upload / "README.md").read_text())
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["bits_per_code"] == pytest.approx(
+        evaluations[2]["ema_bits_per_code"], rel=1e-3)
+    assert "ema_decay" in card.text
     # The sample grid is drawn from the average, as `codegpt sample` would draw it from model/.
     codes, _ = runs.sample_classes(model, 1, seed=0)
     grid = runs.save_image_grid(runs.render_codes(codes, (2, 4), None, model.config.codebook_size),
