@@ -12,6 +12,7 @@ rounds are interleaved and the median of the per-round time ratios is reported, 
 ``--compile`` and ``--gradient-checkpointing`` add a second table: codegpt's step with ``torch.compile`` (the
 training step as ``codegpt train --compile`` runs it; compiled before timing) and with gradient checkpointing,
 each against codegpt's plain step (time ratio: below 1 is faster), with peak memory side by side.
+    python bench/bench_train.py --ema             # and the cost of an EMA of the weights (--ema-decay)
 
 Refuses to report while other processes load the machine (see ``_harness.machine_is_idle``).
 """
@@ -31,6 +32,7 @@ from _harness import check_idle_or_exit, interleaved_medians, peak_memory_mb  # 
 
 from codegpt import GPT, GPTConfig  # noqa: E402
 from codegpt.fast import use_cpu_kernels  # noqa: E402
+from codegpt.training import make_ema  # noqa: E402
 
 SHAPES = {
     # name: (vocab, codes per image, embed, layers, heads, batch)
@@ -118,6 +120,39 @@ def make_ids(vocab: int, seq_len: int, batch: int, device: torch.device) -> torc
     return ids.to(device)
 
 
+def make_ema_step(model: torch.nn.Module, ids: torch.Tensor, precision: str, decay: float):
+    """A training step followed by the EMA update codegpt's loop makes (``ema_decay``)."""
+    train_step, ema = make_step(model, ids, precision), make_ema(model, decay).to(ids.device)
+
+    def step() -> None:
+        train_step()
+        ema.update_parameters(model)
+
+    return step
+
+
+def ema_rows(shapes: list[str], precisions: list[str], args: argparse.Namespace, device: torch.device) -> None:
+    """codegpt's step with and without the EMA update, side by side (each on a model of its own)."""
+    print(f"\nEMA of the weights (decay {args.ema_decay}): the step with the update against the step without")
+    print("| shape | precision | step (s) | step + EMA (s) | time ratio | step peak MB | EMA copy MB (fp32) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in shapes:
+        vocab, seq_len, embed, layers, heads, batch = SHAPES[name]
+        ids = torch.randint(0, vocab - 1, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+        ids[:, 0] = vocab - 1
+        ids = ids.to(device)
+        for precision in precisions:
+            plain = build_models(vocab, seq_len, embed, layers, heads, device)["codegpt"]
+            averaged = build_models(vocab, seq_len, embed, layers, heads, device)["codegpt"]
+            steps = {"plain": make_step(plain, ids, precision),
+                     "ema": make_ema_step(averaged, ids, precision, args.ema_decay)}
+            peak = peak_memory_mb(steps["plain"], device)  # also a warm-up step
+            copy_mb = sum(p.numel() for p in averaged.parameters()) * 4 / 2**20  # what the average keeps
+            med, ratio = interleaved_medians(steps, args.rounds, baseline="plain", warmup=1, device=device)
+            print(f"| {name} {vocab}x{seq_len} e{embed} L{layers} B{batch} | {precision} | {med['plain']:.3f} | "
+                  f"{med['ema']:.3f} | {ratio['ema']:.3f} | {peak:.0f} | {copy_mb:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
@@ -129,6 +164,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time codegpt's step under torch.compile")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="also time codegpt's step with gradient checkpointing")
+    parser.add_argument("--ema", action="store_true", help="also time the step with codegpt's EMA update")
+    parser.add_argument("--ema-decay", type=float, default=0.9999, help="the EMA's decay (its cost does not depend "
+                        "on it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -153,6 +191,8 @@ def main() -> None:
                   f"{peaks['codegpt']:.0f} | {peaks['gpt2']:.0f} |", flush=True)
     if args.compile or args.gradient_checkpointing:
         switch_rows(shapes, precisions, args, device)
+    if args.ema:
+        ema_rows(shapes, precisions, args, device)
     check_idle_or_exit(args.force, when="after")
 
 

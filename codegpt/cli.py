@@ -75,6 +75,7 @@ from .runs import (
     TRAINING_ARGS,
     load_model,
     newest_checkpoint,
+    read_metrics,
     read_training_args,
     render_codes,
     resolve_run,
@@ -191,7 +192,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "samples_per_class": {"help": "samples per class (columns of the sample grids)"},
     "sample_guidance_scale": {"aliases": ["--guidance-scale"], "help": "classifier-free guidance of the sample grids"},
     "sample_temperature": {"help": "temperature of the sample grids"},
-    "log_every": {"help": "steps between progress-bar updates"},
+    "log_every": {"help": "steps between training records (log.jsonl, trackers, progress bar)"},
     "resume": {"help": "continue from the newest complete checkpoint in --out (it wins over --init-from)"},
     "init_from": {"help": "fine-tune: start from the weights (and model config) of a run, model folder or Hub id "
                   "org/name; a new optimizer and schedule from step 0"},
@@ -973,6 +974,16 @@ def _same_codebook(a: Path | None, b: Path) -> None:
                          f"images with --codebook {b}")
 
 
+def _metrics_file(path: str) -> dict[str, Any]:
+    """--metrics: a JSON object, or a run's log.jsonl (its last evaluation, not a training record)."""
+    if not path.endswith(".jsonl"):
+        return read_json(path, "--metrics")
+    found = read_metrics(path, "--metrics")
+    if found is None:
+        raise ValueError(f"--metrics: {path!r} holds no evaluation record (one with 'bits_per_code')")
+    return found
+
+
 def _run_push(args: argparse.Namespace) -> int:
     sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "guidance_scale")}
     # Default: the codebook and data training saw (a Hub model: the codebook it ships).
@@ -982,7 +993,7 @@ def _run_push(args: argparse.Namespace) -> int:
         common = {
             "info": _from_args(CardInfo, args),
             "sampling": {k: v for k, v in sampling.items() if v is not None},  # replace the run's own settings
-            "metrics": read_json(args.metrics, "--metrics") if args.metrics else None,
+            "metrics": _metrics_file(args.metrics) if args.metrics else None,
             "training_args": read_json(args.training_args, "--training-args") if args.training_args else None,
             "codebook_dir": codebook_dir,
             "data_dir": data_dir,

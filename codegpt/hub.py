@@ -105,7 +105,7 @@ _SPLIT_PREFIXES = {"eval_": "validation", "val_": "validation", "valid_": "valid
 # also publish a local path).
 _OPERATIONAL_ARGS = frozenset(
     {"output_dir", "overwrite_output_dir", "resume", "progress", "num_workers", "log_every", "logging_dir",
-     "init_from_dir"}
+     "init_from_dir", "report_to"}
 )
 
 

@@ -7,9 +7,15 @@ Hub push read it. The per-class sampler and image grid of ``samples.png`` live h
       training_args.json          the arguments of the run's first start, never rewritten by a resume
       starts.jsonl                one line per start: time, step, resumed from, arguments, data identity, changes
       data.json                   what the codes decode through: data, codebook and autoencoder (spec), split
-      log.jsonl                   one line per evaluation (step, held-out nats and bits per code)
+      log.jsonl                   one line per training record (step, loss, learning_rate, grad_norm,
+                                  tokens_per_second) and per evaluation (step, loss_nats, bits_per_code, num_codes,
+                                  and ema_* for the EMA weights)
+      loss.png                    training and held-out loss against step (with matplotlib)
+      logs/                       the file-based trackers' (tensorboard) folder, with --report-to
       checkpoints/step-000500/    model/ (save_pretrained) + Accelerate state + trainer_state.json + manifest.json
       model/                      the final model (save_pretrained; loads with GPT.from_pretrained) + manifest.json
+      model-raw/                  with ema_decay: the trained weights; model/ (and a checkpoint's model/) then
+                                  holds their exponential moving average, the weights to sample and share
       samples.png                 a grid of samples at the end (one row per class)
       train.lock                  while a run trains into the folder: its pid and host
 
@@ -57,16 +63,22 @@ __all__ = [
     "checkpoint_folders", "complete_checkpoints", "newest_checkpoint", "remove_partial_checkpoints", "acquire_lock",
     "release_lock", "read_starts", "record_start", "read_training_args", "verify_run", "RunFiles", "resolve_run",
     "is_repo_id", "fetch_hub_model",
-    "load_model", "read_metrics", "write_log", "append_log", "Decoder", "sample_classes", "render_codes",
-    "save_image_grid",
+    "load_model", "read_metrics", "write_log", "append_log", "read_log", "merge_log", "is_eval_record", "metrics_of",
+    "plot_losses", "RAW_MODEL_DIR", "LOSS_PLOT", "LOGS_DIR", "TRACKER_PROJECT", "EMA_PREFIX", "Decoder",
+    "sample_classes", "render_codes", "save_image_grid",
 ]
 
 MODEL_DIR = "model"
+RAW_MODEL_DIR = "model-raw"  # with EMA: the trained weights, model/ holding their average
 CHECKPOINTS_DIR = "checkpoints"
 TRAINING_ARGS = "training_args.json"
 STARTS = "starts.jsonl"
 RUN_DATA = "data.json"  # {"data", "codebook" (absolute folders), "autoencoder" (a spec), "split"}
 LOG = "log.jsonl"
+LOSS_PLOT = "loss.png"
+LOGS_DIR = "logs"  # the trackers' default logging_dir
+TRACKER_PROJECT = "codegpt"  # the project name trackers get (tensorboard: logs/codegpt)
+EMA_PREFIX = "ema_"  # an evaluation record's keys for the EMA weights
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"  # written last: every other file's size and SHA-256
 SAMPLES = "samples.png"
@@ -77,7 +89,7 @@ MANIFEST_FORMAT, MANIFEST_VERSION = "codegpt-manifest", 1
 CHECKPOINT_FILES = (STATE, "model.safetensors", "optimizer.bin", "scheduler.bin", f"{MODEL_DIR}/config.json",
                     f"{MODEL_DIR}/model.safetensors")
 # Files the run folder's writers leave as `.NAME.<pid>-<hex>.tmp` when killed mid-write (_util.atomic_write).
-_RUN_FILES = (TRAINING_ARGS, STARTS, RUN_DATA, LOG, SAMPLES, "samples-step-*.png")
+_RUN_FILES = (TRAINING_ARGS, STARTS, RUN_DATA, LOG, SAMPLES, "samples-step-*.png", LOSS_PLOT)
 
 
 def checkpoint_name(step: int) -> str:
@@ -128,6 +140,16 @@ def read_trainer_state(checkpoint: str | os.PathLike, num_items: int | None = No
         check_int(f"{file}: field 'position'", state.get("position"), low=0, high=num_items)
         check_int(f"{file}: field 'global_batch'", state.get("global_batch"), low=1)
         check_int(f"{file}: field 'num_processes'", state.get("num_processes"), low=1)
+        if "ema_updates" in state:  # a run with EMA: how many updates the average in model/ holds
+            check_int(f"{file}: field 'ema_updates'", state["ema_updates"], low=0, high=step)
+        window = state.get("log_window", {"loss": 0.0, "grad_norm": 0.0, "steps": 0})
+        if not isinstance(window, dict) or not all(
+            isinstance(window.get(k), (int, float)) and not isinstance(window.get(k), bool)
+            for k in ("loss", "grad_norm", "steps")
+        ):
+            raise ValueError(f"{file}: field 'log_window' must hold numbers 'loss', 'grad_norm' and 'steps', "
+                             f"got {window!r:.200}")
+        check_int(f"{file}: field 'log_window.steps'", window["steps"], low=0, high=step)
     except TypeError as err:
         raise ValueError(str(err)) from None
     history = state.get("eval_history")
@@ -217,6 +239,7 @@ def remove_partial_checkpoints(run_dir: str | os.PathLike) -> list[str]:
     done = _finish_replacements(run / CHECKPOINTS_DIR, "step-*",
                                 lambda tmp: checkpoint_problem(tmp) is None)
     done += _finish_replacements(run, MODEL_DIR, _model_folder_complete)
+    done += _finish_replacements(run, RAW_MODEL_DIR, _model_folder_complete)
     for name in _RUN_FILES:
         for leftover in run.glob(f".{name}.*.tmp"):
             leftover.unlink(missing_ok=True)
@@ -313,15 +336,15 @@ def verify_run(run_dir: str | os.PathLike, hashes: bool = True) -> list[Path]:
         problem = checkpoint_problem(folder, hashes=hashes)
         problems += [problem] if problem else _weights_problems(folder / MODEL_DIR)
         checked.append(folder)
-    model_dir = run / MODEL_DIR
-    if model_dir.is_dir():
-        try:
-            check_manifest(model_dir, "model", hashes, ("config.json",))
-        except (OSError, ValueError) as err:
-            problems.append(str(err))
-        else:
-            problems += _weights_problems(model_dir)
-        checked.append(model_dir)
+    for model_dir in (run / MODEL_DIR, run / RAW_MODEL_DIR):
+        if model_dir.is_dir():
+            try:
+                check_manifest(model_dir, "model", hashes, ("config.json",))
+            except (OSError, ValueError) as err:
+                problems.append(str(err))
+            else:
+                problems += _weights_problems(model_dir)
+            checked.append(model_dir)
     if not checked:
         raise ValueError(f"run_dir: {str(run)!r} holds neither checkpoints/step-N nor model/: not a training run")
     if problems:
@@ -422,18 +445,21 @@ def resolve_run(path: str | os.PathLike, what: str = "model_dir", revision: str 
             "model/ (a finished run) or checkpoints/step-N/model (a run's checkpoint)"
         )
 
-    metrics, run = None, None
+    record, run = None, None
     parent = model_dir.parent
     if CHECKPOINT_RE.match(parent.name) and (parent / STATE).is_file():
         state = read_json(parent / STATE, what)
         history = state.get("eval_history") or []
         at_step = [e for e in history if isinstance(e, dict) and e.get("step") == state.get("step")]
-        metrics, run = (at_step[-1] if at_step else None), parent.parent.parent
-    elif model_dir.name == MODEL_DIR and (parent / TRAINING_ARGS).is_file():
+        record, run = (at_step[-1] if at_step else None), parent.parent.parent
+    elif model_dir.name in (MODEL_DIR, RAW_MODEL_DIR) and (parent / TRAINING_ARGS).is_file():
         run = parent
-        metrics = read_metrics(run, what)
+        record = read_metrics(run, what)
+    training_args = read_training_args(run, what) if run is not None else None
+    # With EMA a run's model/ folders hold the average, which its evaluations score as ema_*.
+    ema = bool((training_args or {}).get("ema_decay")) and model_dir.name == MODEL_DIR
     has_data = run is not None and (run / RUN_DATA).is_file()
-    return RunFiles(model_dir, metrics, read_training_args(run, what) if run is not None else None,
+    return RunFiles(model_dir, metrics_of(record, ema), training_args,
                     read_json(run / RUN_DATA, what) if has_data else None)
 
 
@@ -498,12 +524,52 @@ def _weights_problems(model_dir: Path) -> list[str]:
     return []
 
 
-def read_metrics(run_dir: str | os.PathLike, what: str = "run_dir") -> dict[str, Any] | None:
-    """The run's last evaluation (the last line of ``log.jsonl``), or None when it has none."""
-    log = Path(run_dir) / LOG
-    if not log.is_file() or not log.read_text().strip():
+def is_eval_record(record: dict[str, Any]) -> bool:
+    """Whether a ``log.jsonl`` record is an evaluation (held-out ``bits_per_code``), not a training record."""
+    return "bits_per_code" in record
+
+
+def metrics_of(record: dict[str, Any] | None, ema: bool = False) -> dict[str, Any] | None:
+    """One set of weights' metrics in an evaluation record: the trained weights' (its plain keys), or with
+    ``ema`` the EMA weights' (its ``ema_*`` keys, named as plain ones); None when those were not evaluated."""
+    if record is None:
         return None
-    return read_json(log, what)
+    if not ema:
+        return {k: v for k, v in record.items() if not k.startswith(EMA_PREFIX)}
+    averaged = {k.removeprefix(EMA_PREFIX): v for k, v in record.items() if k.startswith(EMA_PREFIX)}
+    return {"step": record.get("step"), **averaged} if averaged else None
+
+
+def read_log(path: str | os.PathLike, what: str = "run_dir") -> list[dict[str, Any]]:
+    """Every record of a run's ``log.jsonl`` (``path``: the run folder or the file), oldest first; [] when there
+    is none. A last line cut short by a kill is left out; any other unreadable line is an error naming it."""
+    file = Path(path) / LOG if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        return []
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif number < len(lines):
+            raise ValueError(f"{what}: {str(file)!r} line {number} is not a log record (a JSON object with a 'step')")
+    return records
+
+
+def merge_log(training: list[dict[str, Any]], evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Training records and evaluations in the order a run writes them: by step, a step's training record
+    before its evaluation."""
+    return sorted([*training, *evaluations], key=lambda r: (r["step"], is_eval_record(r)))
+
+
+def read_metrics(path: str | os.PathLike, what: str = "run_dir") -> dict[str, Any] | None:
+    """The run's last evaluation record in ``log.jsonl`` (``path``: the run folder or the file), or None."""
+    evaluations = [r for r in read_log(path, what) if is_eval_record(r)]
+    return evaluations[-1] if evaluations else None
 
 
 def write_log(run_dir: str | os.PathLike, records: list[dict[str, Any]]) -> None:
@@ -512,10 +578,34 @@ def write_log(run_dir: str | os.PathLike, records: list[dict[str, Any]]) -> None
 
 
 def append_log(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Add one evaluation to the run's log. An append of one short line: a kill leaves at worst a
+    """Add one record to the run's log. An append of one short line: a kill leaves at worst a
     truncated last line, and the next run rewrites the log from its checkpoint (``write_log``)."""
     with open(Path(run_dir) / LOG, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(run_dir: str | os.PathLike) -> Path | None:
+    """Draw ``loss.png`` from the run's log: the training loss and the held-out loss (and the EMA weights')
+    in nats per code against step. None when the log holds nothing to draw; ImportError without matplotlib."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no display backend
+
+    records = read_log(run_dir)
+    training = [(r["step"], r["loss"]) for r in records if not is_eval_record(r) and "loss" in r]
+    evaluations = [r for r in records if is_eval_record(r)]
+    if not training and not evaluations:
+        return None
+    figure = Figure(figsize=(6, 4), dpi=100, layout="constrained")
+    ax = figure.add_subplot()
+    if training:
+        ax.plot(*zip(*training, strict=True), label="training", color="tab:blue", alpha=0.8)
+    for key, label, color in (("loss_nats", "held-out", "tab:orange"), ("ema_loss_nats", "held-out, EMA", "tab:green")):
+        points = [(r["step"], r[key]) for r in evaluations if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label, color=color, marker="o", markersize=3)
+    ax.set(xlabel="step", ylabel="loss (nats per code)", title=Path(run_dir).resolve().name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return atomic_write(Path(run_dir) / LOSS_PLOT, lambda f: figure.savefig(f, format="png"))
 
 
 # Images (B, h, w) or (B, h, w, 3) with values in [0, 1], from codes (B, H, W).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import inspect
+import json
 import math
 import os
 import random
@@ -35,13 +36,25 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import LoggerType, broadcast_object_list, set_seed
 from accelerate.utils import load as load_accelerate_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from . import runs
-from ._util import check_choice, check_float, check_int, file_record, read_json, replace_dir, resolve_device, write_json
+from ._util import (
+    check_choice,
+    check_float,
+    check_int,
+    check_path,
+    file_record,
+    jsonable,
+    read_json,
+    replace_dir,
+    resolve_device,
+    write_json,
+)
 from .configuration_codegpt import GPTConfig
 from .evaluation import evaluate
 from .fast.kernels import remove_cpu_kernels, use_cpu_kernels
@@ -50,10 +63,12 @@ from .runs import Decoder
 
 __all__ = [
     "TrainingArguments", "TrainResult", "train", "make_accelerator", "parameter_groups", "lr_lambda",
-    "check_compatible", "config_for", "EpochBatchSampler", "RESUMABLE", "data_identity",
+    "check_compatible", "config_for", "EpochBatchSampler", "RESUMABLE", "data_identity", "make_ema", "TRACKERS",
 ]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# Accelerate's experiment trackers, by the names transformers' `report_to` uses ("all": every one installed).
+TRACKERS = tuple(t.value for t in LoggerType if t.value != "all")
 
 # The arguments a resume may change: how far the run goes (the cosine then ends at the new max_steps), how
 # it logs, evaluates, samples, saves and loads data, and how fast it computes the same step (torch.compile,
@@ -65,6 +80,7 @@ RESUMABLE = frozenset({
     "output_dir", "max_steps", "eval_every", "eval_batch_size", "save_every", "save_total_limit", "sample_every",
     "samples_per_class", "sample_guidance_scale", "sample_temperature", "log_every", "progress", "num_workers",
     "torch_compile", "torch_compile_backend", "gradient_checkpointing",
+    "report_to", "logging_dir", "eval_ema",
 })
 _HOW_STARTED = frozenset({"resume", "overwrite_output_dir"})  # how a start was asked for, not a setting
 # Where a fine-tuning run's first weights came from: a resume continues from its checkpoint whatever they say,
@@ -120,6 +136,18 @@ class TrainingArguments:
     overwrite_output_dir: bool = False
     progress: bool = True
     num_workers: int = 0
+    report_to: str | list[str] = field(default="none", metadata={"help": (
+        "experiment trackers (Accelerate's): none, all, or one or more of " + ", ".join(TRACKERS)
+        + "; the run's log.jsonl is always written"),
+        "default": "none"})  # HfArgumentParser keeps a list field's default only from here
+    logging_dir: str | None = field(default=None, metadata={"help": "where file-based trackers (tensorboard) "
+                                                                    "write; default: OUTPUT_DIR/logs"})
+    ema_decay: float | None = field(default=None, metadata={"help": (
+        "keep an exponential moving average of the weights (e.g. 0.9999), updated after every optimizer step "
+        "and saved as the model (OUTPUT_DIR/model; the trained weights go to model-raw); 0 or unset: off")})
+    eval_ema: bool = field(default=True, metadata={"help": (
+        "with ema_decay: evaluate the EMA weights beside the trained ones (ema_* in log.jsonl) and draw the "
+        "sample grids from them")})
 
     _LOW = {"max_steps": 1, "per_device_batch_size": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0,
             "seed": 0, "eval_every": 0, "eval_batch_size": 1, "save_every": 0, "save_total_limit": 1,
@@ -152,6 +180,14 @@ class TrainingArguments:
         if self.mixed_precision is not None:
             check_choice("mixed_precision (fp32 is 'no'; None: what `accelerate launch` says)",
                          self.mixed_precision, MIXED_PRECISION)
+        self.report_to = _trackers(self.report_to)
+        if self.logging_dir is not None:
+            self.logging_dir = str(check_path("logging_dir", self.logging_dir))
+        if self.ema_decay is not None:
+            check_float("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
+            self.ema_decay = float(self.ema_decay) or None  # 0 is off, recorded as None
+        if not isinstance(self.eval_ema, bool):
+            raise TypeError(f"eval_ema must be a bool, got {type(self.eval_ema).__name__} {self.eval_ema!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -165,15 +201,36 @@ class TrainResult:
     """What ``train`` leaves behind."""
 
     output_dir: Path
-    model_dir: Path  # save_pretrained folder of the final model
+    model_dir: Path  # save_pretrained folder of the final model (the EMA weights when ema_decay is set)
     step: int
     resumed_from: Path | None
-    eval_history: list[dict[str, float]] = field(default_factory=list)
+    eval_history: list[dict[str, float]] = field(default_factory=list)  # log.jsonl's evaluation records
     samples_png: Path | None = None
+    raw_model_dir: Path | None = None  # with ema_decay: the trained (not averaged) weights
+    loss_png: Path | None = None  # the loss curves (None without matplotlib)
 
     @property
     def final_eval(self) -> dict[str, float] | None:
-        return self.eval_history[-1] if self.eval_history else None
+        """The last evaluation of the weights in ``model_dir`` (the EMA's when they are the model; None
+        when they were not evaluated)."""
+        last = self.eval_history[-1] if self.eval_history else None
+        return runs.metrics_of(last, ema=self.raw_model_dir is not None)
+
+
+def _trackers(value: object) -> list[str]:
+    """``report_to`` as a list of tracker names: "none" (or nothing) is [], "all" stays "all"; a name, a
+    comma-separated string or a list, as transformers' Trainer takes it."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"report_to must be a tracker name or a list of them, got {value!r}")
+    names = [n.strip().lower() for n in names if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    for name in names:
+        check_choice("report_to", name, ("none", "all", *TRACKERS))
+    if ("none" in names or "all" in names) and len(names) > 1:
+        raise ValueError(f"report_to: 'none' and 'all' stand alone, got {names}")
+    return list(dict.fromkeys(names))
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -306,7 +363,11 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
     let the main process write the data while the others wait) and pass it to ``train``: Accelerate
     keeps one state per process, and the first object to create it decides its settings.
     """
+    trackers = {}
+    if args.report_to:  # only then: project_dir would otherwise change nothing but where Accelerate logs
+        trackers = {"log_with": args.report_to, "project_dir": str(logging_dir(args))}
     return Accelerator(
+        **trackers,
         # Without this, Accelerate on a machine with no accelerator treats the processes that
         # torchrun (`accelerate launch --multi_gpu`) starts as unrelated single processes; with it
         # they form one gloo process group. Where an accelerator exists, Accelerate picks it.
@@ -317,6 +378,19 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
         # process per update.
         step_scheduler_with_optimizer=False,
     )
+
+
+def logging_dir(args: TrainingArguments) -> Path:
+    """Where file-based trackers write: ``args.logging_dir``, else ``output_dir/logs``."""
+    return Path(args.logging_dir) if args.logging_dir is not None else Path(args.output_dir) / runs.LOGS_DIR
+
+
+def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """The exponential moving average of ``model``'s weights that training keeps: torch's ``AveragedModel``, an
+    fp32 copy updated with ``ema.update_parameters(model)`` after each optimizer step (the first update copies
+    the weights; each later one moves the average ``1 - decay`` of the way to them)."""
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)).float()
+    return ema.requires_grad_(False)
 
 
 def _on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
@@ -357,9 +431,9 @@ def _take_lock(out: Path) -> Path:
 
 def _remove_run(out: Path) -> None:
     """Delete what a run wrote into ``out`` (and nothing else: the folder may hold the user's files)."""
-    for name in (runs.CHECKPOINTS_DIR, runs.MODEL_DIR):
+    for name in (runs.CHECKPOINTS_DIR, runs.MODEL_DIR, runs.RAW_MODEL_DIR, runs.LOGS_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in (runs.TRAINING_ARGS, runs.STARTS, runs.RUN_DATA, runs.LOG, runs.SAMPLES):
+    for name in (runs.TRAINING_ARGS, runs.STARTS, runs.RUN_DATA, runs.LOG, runs.SAMPLES, runs.LOSS_PLOT):
         (out / name).unlink(missing_ok=True)
     for sample in out.glob("samples-step-*.png"):
         sample.unlink(missing_ok=True)
@@ -538,6 +612,12 @@ def _check_rng_restored(checkpoint: Path, process_index: int) -> None:
         raise ValueError(f"checkpoint {checkpoint}: the random state {file.name} was not restored")
 
 
+def _tracker_config(run_args: dict[str, Any]) -> dict[str, Any]:
+    """The run's arguments as trackers store hyperparameters: numbers, strings and booleans (lists as text)."""
+    flat = jsonable(run_args)
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flat.items()}
+
+
 def _grid_shape(config: GPTConfig, dataset: Dataset, grid_shape: tuple[int, int] | None) -> tuple[int, int]:
     """The code grid: given, else the dataset's (checked against the model), else square, else one row."""
     base = dataset
@@ -564,16 +644,26 @@ class _Loop:
     def __init__(self, args: TrainingArguments, accelerator: Accelerator, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  data: _DataStream, eval_dataset: Dataset | None, step: int, eval_history: list[dict[str, float]],
-                 global_batch: int, grid_shape: tuple[int, int], decode: Decoder | None) -> None:
+                 global_batch: int, grid_shape: tuple[int, int], decode: Decoder | None,
+                 ema: AveragedModel | None = None, log_window: dict[str, Any] | None = None) -> None:
         self.args, self.accelerator, self.model = args, accelerator, model
         self.optimizer, self.scheduler, self.data, self.eval_dataset = optimizer, scheduler, data, eval_dataset
         self.step, self.start_step, self.eval_history, self.global_batch = step, step, eval_history, global_batch
-        self.grid_shape, self.decode = grid_shape, decode
+        self.grid_shape, self.decode, self.ema = grid_shape, decode, ema
         self.out = Path(args.output_dir)
         # The training step's forward (and so its backward) compiled; evaluation, sampling and saving use the
         # plain module (other shapes, and a KV cache, would recompile it).
         self.step_model = (torch.compile(model, backend=args.torch_compile_backend or "inductor")
                            if args.torch_compile else model)
+        # The training log's current window (steps since the last record): sums on this process's device. A
+        # checkpoint saves them, so that a resumed run logs the same records as an uninterrupted one.
+        window = log_window or {"loss": 0.0, "grad_norm": 0.0, "steps": 0}
+        device = accelerator.device
+        self.window_loss = torch.tensor(window["loss"], dtype=torch.float32, device=device)
+        self.window_grad_norm = torch.tensor(window["grad_norm"], dtype=torch.float32, device=device)
+        self.window_steps = window["steps"]
+        self.grad_norm = torch.zeros((), device=device)  # of the last update, before clipping
+        self.noted_no_plot, self.loss_png = False, None
         self.bar = tqdm(total=args.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not (args.progress and accelerator.is_main_process))
 
@@ -594,8 +684,9 @@ class _Loop:
                     use_cache=False,
                 ).loss
                 accelerator.backward(loss)  # scaled by 1 / gradient_accumulation_steps
-                if accelerator.sync_gradients and self.args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+                if accelerator.sync_gradients:  # an infinite bound measures the norm and clips nothing
+                    norm = accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm or math.inf)
+                    self.grad_norm = norm if norm is not None else self.grad_norm  # DeepSpeed clips itself
                 self.optimizer.step()  # a no-op until the last micro-batch
                 if accelerator.sync_gradients:
                     self.scheduler.step()
@@ -603,16 +694,61 @@ class _Loop:
             total += loss.detach().float()
         return total / self.args.gradient_accumulation_steps
 
+    @property
+    def sampled_module(self) -> torch.nn.Module:
+        """The weights the sample grids come from: the EMA's when they are evaluated, else the trained ones."""
+        if self.ema is not None and self.args.eval_ema:
+            return self.ema.module
+        return self.accelerator.unwrap_model(self.model)
+
+    def log_training(self) -> None:
+        """One training record over the steps since the last: mean loss and gradient norm, the learning rate
+        of the next step, codes (tokens) per second; to log.jsonl and the trackers."""
+        accelerator, steps = self.accelerator, self.window_steps
+        loss = self.window_loss if accelerator.num_processes == 1 else accelerator.reduce(self.window_loss, "mean")
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        record = {"step": self.step, "loss": float(loss) / steps, "learning_rate": self.scheduler.get_last_lr()[0],
+                  "grad_norm": float(self.window_grad_norm) / steps,
+                  "tokens_per_second": steps * self.codes_per_step / elapsed}
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}",
+                             tok_s=f"{record['tokens_per_second']:,.0f}")
+        if accelerator.is_main_process:
+            runs.append_log(self.out, record)
+        accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=self.step)
+        self.window_loss.zero_()
+        self.window_grad_norm.zero_()
+        self.window_steps, self.window_start = 0, time.perf_counter()
+
     def evaluate(self) -> None:
+        """Held-out loss of the trained weights (and of the EMA's, as ``ema_*``), to log.jsonl and the trackers;
+        then the loss curves."""
         if self.eval_dataset is None:
             return
-        metrics = {"step": self.step, **evaluate(self.model, self.eval_dataset, self.accelerator,
-                                                 self.args.eval_batch_size)}
+        args, accelerator = self.args, self.accelerator
+        metrics = {"step": self.step, **evaluate(self.model, self.eval_dataset, accelerator, args.eval_batch_size)}
+        if self.ema is not None and args.eval_ema:
+            averaged = evaluate(self.ema.module, self.eval_dataset, accelerator, args.eval_batch_size)
+            metrics.update({f"{runs.EMA_PREFIX}{k}": v for k, v in averaged.items()})
         self.eval_history.append(metrics)
-        if self.accelerator.is_main_process:
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "step" and not k.endswith("num_codes")},
+                        step=self.step)
+        if accelerator.is_main_process:
             runs.append_log(self.out, metrics)
+            ema = (f"; EMA {metrics['ema_loss_nats']:.4f} nats, {metrics['ema_bits_per_code']:.4f} bits per code"
+                   if "ema_loss_nats" in metrics else "")
             self.bar.write(f"step {self.step}: held-out {metrics['loss_nats']:.4f} nats, "
-                           f"{metrics['bits_per_code']:.4f} bits per code")
+                           f"{metrics['bits_per_code']:.4f} bits per code{ema}")
+            self.plot()
+
+    def plot(self) -> Path | None:
+        """Main process: draw ``loss.png`` from the log (once told when matplotlib is missing)."""
+        try:
+            return runs.plot_losses(self.out)
+        except ImportError:
+            if not self.noted_no_plot:
+                self.bar.write("note: no loss.png (matplotlib is not installed: pip install 'codegpt[plots]')")
+                self.noted_no_plot = True
+            return None
 
     def save(self) -> None:
         """Write ``checkpoints/step-N`` (model, Accelerate state, trainer state, the manifest last), keep the
@@ -636,10 +772,15 @@ class _Loop:
 
         def finish() -> None:
             try:
-                accelerator.unwrap_model(self.model).save_pretrained(tmp / runs.MODEL_DIR)
+                # The checkpoint's model/ is the model a user samples: the EMA weights when there are some (the
+                # trained ones are Accelerate's model.safetensors beside it), which a resume restores from.
+                shown = self.ema.module if self.ema is not None else accelerator.unwrap_model(self.model)
+                shown.save_pretrained(tmp / runs.MODEL_DIR)
                 state = {"step": self.step, "epoch": self.data.epoch, "position": self.data.position,
                          "global_batch": self.global_batch, "num_processes": accelerator.num_processes,
-                         "eval_history": self.eval_history}
+                         "eval_history": self.eval_history, "log_window": log_window}
+                if self.ema is not None:
+                    state["ema_updates"] = int(self.ema.n_averaged)
                 write_json(tmp / runs.STATE, state)
                 runs.write_manifest(tmp)  # last: it makes the checkpoint complete
                 replace_dir(tmp, final)
@@ -652,6 +793,11 @@ class _Loop:
                 os.replace(old, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
 
+        # This process's log window, as every process's mean: the record a resumed run logs is the same.
+        window_loss = self.window_loss if accelerator.num_processes == 1 else accelerator.reduce(self.window_loss,
+                                                                                                "mean")
+        log_window = {"loss": float(window_loss), "grad_norm": float(self.window_grad_norm),
+                      "steps": self.window_steps}
         _on_main(accelerator, begin)
         try:
             accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
@@ -665,7 +811,7 @@ class _Loop:
         generator of its own, so the training RNG stream is the same with or without samples."""
         written, args = None, self.args
         if self.accelerator.is_main_process:
-            module = self.accelerator.unwrap_model(self.model)
+            module = self.sampled_module
             with self.accelerator.autocast():
                 codes, classes = runs.sample_classes(
                     module, args.samples_per_class, guidance_scale=args.sample_guidance_scale,
@@ -673,28 +819,41 @@ class _Loop:
                 )
             images = runs.render_codes(codes, self.grid_shape, self.decode, module.config.codebook_size)
             written = runs.save_image_grid(images, path, rows=module.config.num_classes if classes is not None else 1)
+            self.log_image(written)
         self.accelerator.wait_for_everyone()
         return written
+
+    def log_image(self, path: Path) -> None:
+        """Main process: the sample grid to every tracker that takes images."""
+        trackers = [t for t in self.accelerator.trackers if hasattr(t, "log_images")]
+        if not trackers:
+            return
+        from PIL import Image
+
+        with Image.open(path) as picture:
+            grid = np.asarray(picture.convert("RGB"))  # (H, W, 3) uint8, the PNG as written
+        for tracker in trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": grid[None]}, step=self.step, dataformats="NHWC")
+            else:
+                tracker.log_images({"samples": [grid]}, step=self.step)
 
     def run(self) -> None:
         """Step until ``max_steps``, then evaluate and save the last step if not done yet."""
         args, accelerator = self.args, self.accelerator
-        codes_per_step = self.global_batch * accelerator.unwrap_model(self.model).config.seq_len
-        window_loss = torch.zeros((), device=accelerator.device)
-        window_steps, window_start = 0, time.perf_counter()
+        self.codes_per_step = self.global_batch * accelerator.unwrap_model(self.model).config.seq_len
+        self.window_start = time.perf_counter()
         while self.step < args.max_steps:
-            window_loss += self.optimizer_step()
+            self.window_loss += self.optimizer_step()
+            self.window_grad_norm += self.grad_norm.float()
+            if self.ema is not None:  # after the update: the average of the weights each step ends with
+                self.ema.update_parameters(accelerator.unwrap_model(self.model))
             self.step += 1
-            window_steps += 1
+            self.window_steps += 1
             self.bar.update(1)
             step, last = self.step, self.step == args.max_steps
             if step % args.log_every == 0 or last:
-                loss = window_loss if accelerator.num_processes == 1 else accelerator.reduce(window_loss, "mean")
-                codes_per_s = window_steps * codes_per_step / max(time.perf_counter() - window_start, 1e-9)
-                self.bar.set_postfix(loss=f"{float(loss) / window_steps:.4f}",
-                                     lr=f"{self.scheduler.get_last_lr()[0]:.2e}", tok_s=f"{codes_per_s:,.0f}")
-                window_loss.zero_()
-                window_steps, window_start = 0, time.perf_counter()
+                self.log_training()
             if args.eval_every and step % args.eval_every == 0 and not last:
                 self.evaluate()
             if args.sample_every and step % args.sample_every == 0 and not last:
@@ -707,6 +866,8 @@ class _Loop:
             self.evaluate()
         if args.save_every and self.step > self.start_step:  # not when a finished run is resumed
             self.save()
+        if accelerator.is_main_process:
+            self.loss_png = self.plot()
 
 
 def train(
@@ -751,6 +912,9 @@ def train(
             f"args.gradient_accumulation_steps ({args.gradient_accumulation_steps})"
             " (make it with make_accelerator(args))"
         )
+    elif args.report_to and not accelerator.log_with:
+        raise ValueError(f"report_to {args.report_to}: the accelerator was made without trackers "
+                         "(make it with make_accelerator(args))")
     if model is not None and not isinstance(model, (GPT, GPTConfig)):
         raise TypeError(f"model must be a GPT, a GPTConfig or None (resume: the checkpoint's), got "
                         f"{type(model).__name__}")
@@ -820,6 +984,9 @@ def _train(args: TrainingArguments, accelerator: Accelerator, model: GPT | GPTCo
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     )
+    # The average of the weights, in fp32 whatever the model computes in, on every process (each evaluates its
+    # share); a copy made before `prepare` wraps (or compiles) the model.
+    ema = make_ema(model, args.ema_decay).to(accelerator.device) if args.ema_decay is not None else None
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     sampler = EpochBatchSampler(
@@ -834,6 +1001,14 @@ def _train(args: TrainingArguments, accelerator: Accelerator, model: GPT | GPTCo
             raise ValueError(f"checkpoint {resume_from} cannot be restored: {str(err).splitlines()[0]}") from None
         _check_rng_restored(resume_from, accelerator.process_index)
         step, epoch, position, eval_history = state["step"], state["epoch"], state["position"], state["eval_history"]
+        if ema is not None:
+            if "ema_updates" not in state:
+                raise ValueError(f"resume: {resume_from} holds no EMA weights (its run was trained without "
+                                 "ema_decay); resume without ema_decay, or start a new run")
+            # The checkpoint's model/ holds the average; fp32 safetensors, so it comes back bit for bit.
+            saved = runs.load_model(resume_from / runs.MODEL_DIR, device="cpu", what="checkpoint")
+            ema.module.load_state_dict(saved.state_dict())
+            ema.n_averaged.fill_(state["ema_updates"])
         accelerator.print(f"resumed from {resume_from} at step {step}")
     else:
         set_seed(args.seed, device_specific=True)  # different dropout on each process, same on every restart
@@ -846,34 +1021,51 @@ def _train(args: TrainingArguments, accelerator: Accelerator, model: GPT | GPTCo
             runs.record_start(out, {"time": when, **start, "args": run_args}, fresh=resume_from is None)
             if data_record is not None:
                 write_json(out / runs.RUN_DATA, data_record)
-            # The log holds this run's evaluations up to where it starts: none, or the checkpoint's
-            # (a run killed after an evaluation but before its next checkpoint repeats that step).
-            runs.write_log(out, eval_history)
+            # The log holds this run's records up to where it starts: none, or the checkpoint's (a run killed
+            # after a record but before its next checkpoint repeats that step): its evaluations, and the
+            # training records the log holds up to its step.
+            if resume_from is None:
+                runs.write_log(out, [])
+            else:
+                trained = [r for r in runs.read_log(out) if not runs.is_eval_record(r) and r["step"] <= step]
+                runs.write_log(out, runs.merge_log(trained, eval_history))
         except OSError as err:
             raise _write_failed(err, f"the run's records in {out}") from None
 
     _on_main(accelerator, record)
+    if args.report_to:  # the main process's trackers (Accelerate starts none on the others)
+        # A resume hides what tensorboard holds past the checkpoint, as log.jsonl drops it.
+        accelerator.init_trackers(runs.TRACKER_PROJECT, config=_tracker_config(run_args),
+                                  init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else {})
     data = _DataStream(train_dataset, sampler, args.num_workers, args.seed, epoch, position)
     loop = _Loop(args, accelerator, model, optimizer, scheduler, data, eval_dataset, step, eval_history, global_batch,
-                 grid_shape, decode)
+                 grid_shape, decode, ema, state.get("log_window") if state is not None else None)
     loop.run()
 
     model_dir = out / runs.MODEL_DIR
+    raw_dir = out / runs.RAW_MODEL_DIR if ema is not None else None
 
-    def save_model() -> None:
-        tmp = out / f"{runs.MODEL_DIR}.tmp"
+    def save_model(module: torch.nn.Module, folder: Path) -> None:
+        tmp = folder.with_name(folder.name + ".tmp")
         try:
             shutil.rmtree(tmp, ignore_errors=True)
-            accelerator.unwrap_model(model).save_pretrained(tmp)
+            module.save_pretrained(tmp)
             runs.write_manifest(tmp)
-            replace_dir(tmp, model_dir)
+            replace_dir(tmp, folder)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _write_failed(err, f"the final model {model_dir} (the checkpoints are intact)") from None
+            raise _write_failed(err, f"the final model {folder} (the checkpoints are intact)") from None
 
-    _on_main(accelerator, save_model)
+    # With EMA, model/ (what sample, eval, push and from_pretrained take) holds the average; written last, as
+    # model/ marks a finished run.
+    if ema is not None:
+        _on_main(accelerator, lambda: save_model(accelerator.unwrap_model(model), raw_dir))
+    _on_main(accelerator, lambda: save_model(ema.module if ema is not None else accelerator.unwrap_model(model),
+                                             model_dir))
     samples = loop.write_samples(out / runs.SAMPLES)
+    if args.report_to:
+        accelerator.end_training()
     remove_cpu_kernels(accelerator.unwrap_model(model))  # the caller's model as it came, plain modules
     if args.gradient_checkpointing:
         _set_checkpointing(accelerator.unwrap_model(model), False)
-    return TrainResult(out, model_dir, loop.step, resume_from, eval_history, samples)
+    return TrainResult(out, model_dir, loop.step, resume_from, eval_history, samples, raw_dir, loop.loss_png)

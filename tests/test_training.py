@@ -77,8 +77,11 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path, learnable_dataset,
     assert final["num_codes"] == len(val_part) * dataset.seq_len
     again = evaluate(model, val_part, batch_size=5)  # no Accelerator: where the model is
     assert again == pytest.approx({k: final[k] for k in again})
-    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [10, 20, 30, 40]
+    # The log: a training record every log_every (10) steps, each followed by that step's evaluation.
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], "bits_per_code" in r) for r in records] == [(s, e) for s in (10, 20, 30, 40)
+                                                                      for e in (False, True)]
+    assert [r for r in records if "bits_per_code" in r] == result.eval_history
     assert result.samples_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "run" / "training_args.json").read_text())["max_steps"] == 40
 
