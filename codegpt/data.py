@@ -39,6 +39,7 @@ import secrets
 import shutil
 import struct
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -506,6 +507,7 @@ def fit_code_dataset(
     description: str = "",
     codebook_description: str = "",
     progress: bool = False,
+    kmeans: Mapping[str, Any] | None = None,
 ) -> FittedCodes:
     """Fit a k-means codebook, encode every item, write ``out_dir/codebook`` and ``out_dir/data``.
 
@@ -518,6 +520,7 @@ def fit_code_dataset(
             split ``CodeDataset.split`` gives later); 0 fits on every item.
         seed: seeds k-means and the split.
         num_classes: default ``labels.max() + 1`` (0 without labels).
+        kmeans: more keyword arguments of ``Codebook.fit`` (``batch_size``, ``max_epochs``, ``tol``, ...).
 
     Metrics: ``mse`` (over all items), ``mse_fit``, ``mse_held_out`` (with a split), ``perplexity``,
     ``dead_codes`` and ``top_code_share`` (code usage over all items), ``fit_seconds``, ``num_images``, ``grid``.
@@ -531,7 +534,8 @@ def fit_code_dataset(
     train_idx, val_idx = split_indices(n, val_fraction, seed) if val_fraction else (list(range(n)), [])
     fit_on = vectors[torch.tensor(train_idx)] if val_idx else vectors
     codebook = Codebook.fit(
-        fit_on, num_codes, metric=metric, seed=seed, progress=progress, description=codebook_description
+        fit_on, num_codes, metric=metric, seed=seed, progress=progress, description=codebook_description,
+        **(kmeans or {}),
     )
     codes = codebook.encode(vectors)  # (N, H, W)
     # The split is recorded so that `codegpt train` and `codegpt eval` hold out the same items unasked.
