@@ -666,8 +666,9 @@ def _print_fitted(args: argparse.Namespace, out: Path, fitted: Any, scale: str) 
     _print(f"codebook: {args.num_codes} codes -> {out / 'codebook'}")
     info = fitted.codebook.fit_info
     if info is not None:
-        done = f"converged after {info.epochs}" if info.converged else f"stopped unconverged after {info.epochs}"
-        _print(f"  k-means {done} epochs (of at most {args.max_epochs}), {info.seconds:.1f} s")
+        epochs = f"{info.epochs} epoch{'s' if info.epochs > 1 else ''} (of at most {args.max_epochs})"
+        _print(f"  k-means {'converged after' if info.converged else 'stopped unconverged after'} {epochs}, "
+               f"{info.seconds:.1f} s")
     _print(f"  {mse}")
     _print("  usage: " + _usage_text(m, args.num_codes))
     _print(f"codes: {len(dataset)} items of {dataset.grid[0]}x{dataset.grid[1]} codes -> {out / 'data'}")
@@ -1085,15 +1086,69 @@ def _same_codebook(a: Path | None, b: Path) -> None:
                          f"images with --codebook {b}")
 
 
+def _push_problems(args: argparse.Namespace, sampling: dict[str, Any]) -> list[str]:
+    """Every missing or invalid flag of `codegpt push`, found with the checks the card and upload make, before
+    anything is loaded or written (the library stops at the first; a user wants them all at once)."""
+    from .hub import _LICENSE, _check_repo_id, _class_names, _decoder_text, _grid, _results, run_sampling
+
+    problems: list[str] = []
+
+    def check(fn: Any, flag: str = "") -> Any:
+        try:
+            return fn()
+        except (*_BAD_INPUT, OSError) as err:
+            message = str(err).rstrip(".")
+            problems.append(f"{flag}: {message}" if flag and not message.startswith(flag) else message)
+            return None
+
+    check(lambda: _check_repo_id(args.repo_id, "--repo-id"))
+    for flag, path, folder in (("--codebook", args.codebook, True), ("--data", args.data, True),
+                               ("--template", args.template, False), ("--metrics", args.metrics, False),
+                               ("--training-args", args.training_args, False)):
+        if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
+            problems.append(f"{flag}: no such {'folder' if folder else 'file'} {str(path)!r}")
+    if args.dry_run and Path(args.dry_run).exists() and not args.overwrite and (
+            not Path(args.dry_run).is_dir() or any(Path(args.dry_run).iterdir())):
+        problems.append(f"--dry-run: {args.dry_run!r} exists and is not empty (pass --overwrite)")
+    info = check(lambda: _from_args(CardInfo, args))
+    if info is not None and not _LICENSE.match(str(info.license)):
+        problems.append(f"--license must be a Hub license id in lower case such as apache-2.0, mit or other, got "
+                        f"{info.license!r}")
+    run = check(lambda: resolve_run(args.model_dir, "model_dir"))
+    if run is None or info is None:
+        return problems
+    config = check(lambda: GPTConfig.from_pretrained(run.model_dir))
+    metrics = run.metrics
+    if args.metrics and Path(args.metrics).is_file():
+        metrics = check(lambda: read_json(args.metrics, "--metrics"))
+    training_args = run.training_args
+    if args.training_args and Path(args.training_args).is_file():
+        training_args = check(lambda: read_json(args.training_args, "--training-args"))
+    check(lambda: _results(metrics or None, info, args.eval_sampling))
+    if config is not None:
+        check(lambda: _class_names(config, info.class_names), "--class-names")
+        check(lambda: _grid(config, info.grid_shape), "--grid")
+        if args.codebook is None and not (run.data or {}).get("codebook"):
+            check(lambda: _decoder_text(config, None, info.decoder))
+        check(lambda: dataclasses.replace(run_sampling(training_args, config), **sampling).check(config),
+              "sampling flags")
+    return problems
+
+
 def _run_push(args: argparse.Namespace) -> int:
     sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "guidance_scale")}
+    sampling = {k: v for k, v in sampling.items() if v is not None}  # replace the run's own settings
+    problems = _push_problems(args, sampling)
+    if problems:
+        raise CLIError(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} with the flags: "
+                       + "; ".join(problems))
     # Default: the codebook and data training saw.
     record = _run_data(args.model_dir, "model_dir")
     codebook_dir, data_dir = args.codebook or record.get("codebook"), args.data or record.get("data")
     with _user_errors():
         common = {
             "info": _from_args(CardInfo, args),
-            "sampling": {k: v for k, v in sampling.items() if v is not None},  # replace the run's own settings
+            "sampling": sampling,
             "metrics": read_json(args.metrics, "--metrics") if args.metrics else None,
             "training_args": read_json(args.training_args, "--training-args") if args.training_args else None,
             "codebook_dir": codebook_dir,
