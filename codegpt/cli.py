@@ -1229,19 +1229,29 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 def _command(sub: Any, name: str, func: Any, summary: str, description: str, dataclass_types: list | None = None,
              computes: bool = True, progress: bool = True):
-    """A subcommand; one that computes takes --num-threads, one that may show a bar --no-progress (unless its
-    dataclass has a ``progress`` field, which gives --no-progress already)."""
+    """A subcommand; one that computes takes --num-threads, one that may show a bar --no-progress (added last,
+    by ``_machine_flags``)."""
     p = sub.add_parser(name, formatter_class=_HelpFormatter, dataclass_types=dataclass_types, help=summary,
                        description=description)
     p.set_defaults(func=func)
-    if computes:
-        p.add_argument("--num-threads", type=int, metavar="N", help="CPU threads of torch (and OMP_NUM_THREADS of "
-                       "the processes it starts); default: torch's choice, one per core. On cores that other "
-                       "work keeps busy, 1 is often faster")
-    if progress and "--no-progress" not in p._option_string_actions:
-        p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' and the Hub's "
-                       "included); the environment variable TQDM_DISABLE=1 does the same")
+    _MACHINE_FLAGS[name] = (computes, progress)
     return p
+
+
+_MACHINE_FLAGS: dict[str, tuple[bool, bool]] = {}  # command: (takes --num-threads, takes --no-progress)
+
+
+def _machine_flags(parser: argparse.ArgumentParser) -> None:
+    """--num-threads and --no-progress, the same on every command (after its own flags)."""
+    for name, (computes, progress) in _MACHINE_FLAGS.items():
+        p = _subparser(parser, name)
+        if computes:
+            p.add_argument("--num-threads", type=int, metavar="N", help="CPU threads of torch (and OMP_NUM_THREADS "
+                           "of the processes it starts); default: torch's choice, one per core. On cores that other "
+                           "work keeps busy, 1 is often faster")
+        if progress and "--no-progress" not in p._option_string_actions:  # demo, train: their `progress` field
+            p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' and the "
+                           "Hub's included); the environment variable TQDM_DISABLE=1 does the same")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1338,7 +1348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds k-means and the split")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                    help="held out of the codebook fit (use the same value and seed for train and eval)")
-    p.add_argument("--metric", choices=["euclidean", "cosine"], default="euclidean")
+    p.add_argument("--metric", choices=["euclidean", "cosine"], default="euclidean", help="distance of the k-means")
     p.add_argument("--class-names", help="comma-separated class names, in class-id order (default: the ids)")
 
     p = _command(
@@ -1476,6 +1486,7 @@ def build_parser() -> argparse.ArgumentParser:
         computes=False, progress=False,
     )
     p.add_argument("dir", metavar="DIR", help="a code dataset, encoding, codebook or training run folder")
+    _machine_flags(parser)
     _both_spellings(parser)
     return parser
 
