@@ -865,6 +865,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         grid = _check_grid(args.grid, config.seq_len)
     pixels = _recorded_pixels(args, config, _run_data(args.model))
     decode = pixels and pixels.decode
+    names = _row_names(args.class_names, args.model, config)
     if args.save_individual and (pixels is None or pixels.autoencoder is None):
         raise CLIError("--save-individual needs an autoencoder's codebook (from `codegpt encode`), recorded or "
                        "given with --codebook")
@@ -881,12 +882,7 @@ def _run_sample(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     rows = 1 if classes is None else len(classes) // per_class
-    labels = None
-    names = args.class_names or _recorded_class_names(args.model)
-    if classes is not None and names:
-        if len(names) != config.num_classes:
-            raise CLIError(f"--class-names: {len(names)} names for a model of {config.num_classes} classes")
-        labels = [names[int(c)] for c in classes[::per_class]]
+    labels = None if classes is None or names is None else [names[int(c)] for c in classes[::per_class]]
     png = save_image_grid(render_codes(codes, grid, decode, config.codebook_size), args.out, rows=rows,
                           row_labels=labels)
     _print(f"samples: {png} ({codes.shape[0]} images, {rows} row{'s' if rows > 1 else ''})")
@@ -901,15 +897,19 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recorded_class_names(model_arg: str) -> list[str] | None:
-    """The class names of the dataset the run was trained on (as `codegpt train` recorded it), if any."""
-    data = _run_data(model_arg).get("data")
-    if not data:
-        return None
-    for meta in (Path(data) / METADATA_NAME, Path(data) / "train" / METADATA_NAME):  # a dataset, an encoding
-        if meta.is_file():
+def _row_names(given: list[str] | None, model_arg: str, config: GPTConfig) -> list[str] | None:
+    """The class names to write beside the rows of a sample grid: --class-names, else those of the dataset the
+    run was trained on (as `codegpt train` recorded it), else None (no labels)."""
+    if given is not None:
+        if not config.class_conditional or len(given) != config.num_classes:
+            raise CLIError(f"--class-names: {len(given)} names for a model of {config.num_classes} classes")
+        return given
+    data = _run_data(model_arg).get("data") if config.class_conditional else None
+    for meta in (Path(data) / METADATA_NAME, Path(data) / "train" / METADATA_NAME) if data else ():
+        if meta.is_file():  # a code dataset, or an encoding's training part
             with contextlib.suppress(ValueError, OSError):
-                return read_json(meta, "--data").get("class_names") or None
+                names = read_json(meta, "--data").get("class_names")
+                return names if isinstance(names, list) and len(names) == config.num_classes else None
     return None
 
 
@@ -1096,7 +1096,7 @@ def _push_problems(args: argparse.Namespace, sampling: dict[str, Any]) -> list[s
     def check(fn: Any, flag: str = "") -> Any:
         try:
             return fn()
-        except (*_BAD_INPUT, OSError) as err:
+        except (*_BAD_INPUT, OSError, CLIError) as err:
             message = str(err).rstrip(".")
             problems.append(f"{flag}: {message}" if flag and not message.startswith(flag) else message)
             return None
@@ -1524,11 +1524,11 @@ def _machine_settings(args: argparse.Namespace) -> Iterator[None]:
     hub_bars = not hub_utils.are_progress_bars_disabled()
     datasets = sys.modules.get("datasets")
     datasets_bars = datasets is not None and datasets.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    if quiet:
-        hub_utils.disable_progress_bars()
-        if datasets_bars:
-            datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()  # which turns the Hub's off too
+    if hub_bars and not quiet:
+        hub_utils.enable_progress_bars()  # downloads of Hub models and uploads keep theirs
+    if datasets_bars and quiet:
+        datasets.disable_progress_bars()
     if getattr(args, "num_threads", None) is not None:
         with _user_errors():
             check_int("--num-threads", args.num_threads, low=1)
@@ -1544,8 +1544,7 @@ def _machine_settings(args: argparse.Namespace) -> Iterator[None]:
             os.environ["OMP_NUM_THREADS"] = omp
         if bars:
             transformers_logging.enable_progress_bar()
-        if hub_bars:
-            hub_utils.enable_progress_bars()
+        (hub_utils.enable_progress_bars if hub_bars else hub_utils.disable_progress_bars)()
         if datasets_bars:
             datasets.enable_progress_bars()
 

@@ -554,6 +554,7 @@ def test_no_progress_and_tqdm_disable_silence_every_bar(small_dataset, tmp_path,
     monkeypatch.delenv("TQDM_DISABLE")
 
     # Loading the model and saving it anew (the Hub's bars must be off while it runs, and on again after).
+    hub_utils.enable_progress_bars()
     seen = []
     prepare = cli.prepare_upload_folder
     monkeypatch.setattr(cli, "prepare_upload_folder",
