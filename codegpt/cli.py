@@ -263,6 +263,15 @@ class _ArgumentParser(HfArgumentParser):
             if negation is not None:
                 negation.help = f"turn --{field.name.replace('_', '-')} off"
 
+    def _get_option_tuples(self, option_string: str) -> list[tuple]:
+        # An abbreviation (--per for --per-class) matches both spellings of one flag: that is no ambiguity.
+        tuples, actions = [], set()
+        for match in super()._get_option_tuples(option_string):
+            if id(match[0]) not in actions:
+                actions.add(id(match[0]))
+                tuples.append(match)
+        return tuples
+
 
 def _both_spellings(parser: argparse.ArgumentParser) -> None:
     """Every long flag of every command answers to both spellings, ``--output_dir`` (transformers') and

@@ -517,6 +517,8 @@ def test_transformers_spellings_parse_to_the_same_values():
     assert (sample.per_class, sample.top_k, sample.class_names) == (2, 3, ["a", "b"])
     demo = parser.parse_args(["demo", "--output_dir", "x", "--max_steps", "7"])
     assert (str(demo.out_dir), demo.steps) == ("x", 7)
+    # An abbreviation matching both spellings of one flag is no ambiguity.
+    assert parser.parse_args(["sample", "m", "--per", "3"]).per_class == 3
 
 
 def test_help_states_every_default():
