@@ -226,7 +226,8 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "progress": {"help": "show a progress bar"},
     "num_workers": {"aliases": ["--dataloader-num-workers"], "help": "DataLoader workers"},
     # push (CardInfo)
-    "class_names": {"type": _names, "help": "comma-separated class names, in class-id order"},
+    "class_names": {"type": _names, "help": "comma-separated class names, in class-id order (default: those the "
+                    "data records)"},
     "grid_shape": {"aliases": ["--grid"], "type": _grid_arg},
     "tags": {"aliases": ["--tag"], "type": str, "action": "append", "help": "an extra Hub tag (repeatable)"},
 }
@@ -1097,7 +1098,7 @@ def _same_codebook(a: Path | None, b: Path) -> None:
 
 def _push_problems(args: argparse.Namespace, sampling: dict[str, Any]) -> list[str]:
     """Every missing or invalid flag of `codegpt push`, found with the checks the card and upload make, before
-    anything is loaded or written (the library stops at the first; a user wants them all at once)."""
+    anything is written (the library stops at the first; a user wants them all at once)."""
     from .hub import _LICENSE, _check_repo_id, _class_names, _decoder_text, _grid, _results, run_sampling
 
     problems: list[str] = []
@@ -1111,11 +1112,9 @@ def _push_problems(args: argparse.Namespace, sampling: dict[str, Any]) -> list[s
             return None
 
     check(lambda: _check_repo_id(args.repo_id, "--repo-id"))
-    for flag, path, folder in (("--codebook", args.codebook, True), ("--data", args.data, True),
-                               ("--template", args.template, False), ("--metrics", args.metrics, False),
-                               ("--training-args", args.training_args, False)):
-        if path is not None and not (Path(path).is_dir() if folder else Path(path).is_file()):
-            problems.append(f"{flag}: no such {'folder' if folder else 'file'} {str(path)!r}")
+    for flag, path in (("--metrics", args.metrics), ("--training-args", args.training_args)):
+        if path is not None and not Path(path).is_file():
+            problems.append(f"{flag}: no such file {str(path)!r}")
     if args.dry_run and Path(args.dry_run).exists() and not args.overwrite and (
             not Path(args.dry_run).is_dir() or any(Path(args.dry_run).iterdir())):
         problems.append(f"--dry-run: {args.dry_run!r} exists and is not empty (pass --overwrite)")
@@ -1126,7 +1125,8 @@ def _push_problems(args: argparse.Namespace, sampling: dict[str, Any]) -> list[s
     run = check(lambda: resolve_run(args.model_dir, "model_dir"))
     if run is None or info is None:
         return problems
-    config = check(lambda: GPTConfig.from_pretrained(run.model_dir))
+    model = check(lambda: load_model(run.model_dir, device="cpu", what="model_dir"))
+    config = model.config if model is not None else None
     metrics = run.metrics
     if args.metrics and Path(args.metrics).is_file():
         metrics = check(lambda: read_json(args.metrics, "--metrics"))
@@ -1459,7 +1459,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Render the model card and upload the model (safetensors, config.json with auto_map, the two "
         "remote-code files, generation_config.json) and its codebook. The token comes from HF_TOKEN "
         "or `hf auth login`; it is never taken on the command line or written anywhere. Every missing or invalid "
-        "flag is reported at once, before anything is loaded or written.",
+        "flag is reported at once, before anything is written.",
         [CardInfo], computes=False,
     )
     p.add_argument("model_dir", help="a training run folder, one of its checkpoints, or a save_pretrained folder")
