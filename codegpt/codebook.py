@@ -156,7 +156,8 @@ class Codebook(torch.nn.Module, PyTorchModelHubMixin, library_name="codegpt",
             seed: seeds every random choice (k-means++, shuffling, re-seeding); None draws one
                 from torch's global generator. It is stored in the codebook either way.
             device: where to compute; default the device of `data` (or of its first batch).
-            progress: show a tqdm progress bar.
+            progress: show a tqdm progress bar over each epoch's batches; it says the epoch, and the one
+                it converged at.
         """
         check_int("num_codes", num_codes, low=1)
         check_int("batch_size", batch_size, low=1)
@@ -188,9 +189,14 @@ class Codebook(torch.nn.Module, PyTorchModelHubMixin, library_name="codegpt",
         counts = torch.zeros(num_codes, dtype=centroids.dtype, device=centroids.device)
         idle = torch.zeros(num_codes, dtype=torch.long, device=centroids.device)
         info = FitInfo(epochs=0, steps=0, converged=False, reseeded=0, seconds=0.0)
-        total = None if source.batches_per_epoch is None else source.batches_per_epoch * max_epochs
-        with tqdm(total=total, desc="k-means", unit="batch", disable=not progress) as bar:
+        # The bar counts the batches of the epoch under way (what is really left of it), epoch after epoch: how
+        # many epochs run is known only when the centroids stop moving, so no bar promises max_epochs of them.
+        per_epoch = source.batches_per_epoch
+        with tqdm(total=per_epoch, unit="batch", disable=not progress) as bar:
             for epoch in range(max_epochs):
+                if epoch:
+                    bar.reset(total=per_epoch)
+                bar.set_description(f"k-means epoch {epoch + 1} (of at most {max_epochs})")
                 previous = centroids.clone()
                 counts *= _COUNT_DECAY
                 sq_error, seen, reseeded = 0.0, 0, 0
@@ -205,12 +211,14 @@ class Codebook(torch.nn.Module, PyTorchModelHubMixin, library_name="codegpt",
                     bar.update(1)
                 if seen == 0:
                     raise ValueError("data yielded no vectors in an epoch")
+                per_epoch = per_epoch or bar.n  # a stream's length is known after one pass
                 info.epochs = epoch + 1
                 info.reseeded += reseeded
                 info.mse.append(sq_error / (seen * dim))
                 shift = float((centroids - previous).pow(2).sum(dim=1).mean()) / scale
-                bar.set_postfix(mse=f"{info.mse[-1]:.4g}", shift=f"{shift:.2e}")
                 info.converged = shift <= tol and reseeded == 0
+                bar.set_postfix_str(f"mse={info.mse[-1]:.4g}, shift={shift:.2e}"
+                                    + (f", converged at epoch {info.epochs}" if info.converged else ""))
                 if info.converged or not source.repeatable:
                     break
         info.seconds = time.perf_counter() - start

@@ -35,6 +35,7 @@ import secrets
 import shutil
 import struct
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -456,7 +457,8 @@ class FittedCodes:
 def fit_code_dataset(out_dir: str | os.PathLike[str], vectors: torch.Tensor, labels: torch.Tensor | None = None, *,
                      num_codes: int, val_fraction: float = 0.0, seed: int = 0, metric: str = "euclidean",
                      num_classes: int | None = None, class_names: list[str] | None = None, description: str = "",
-                     codebook_description: str = "", progress: bool = False) -> FittedCodes:
+                     codebook_description: str = "", progress: bool = False,
+                     kmeans: Mapping[str, Any] | None = None) -> FittedCodes:
     """Fit a k-means codebook, encode every item, write ``out_dir/codebook`` and ``out_dir/data``.
 
     The one path from latents to a code dataset (``codegpt fit-codebook``, the digits, the demo).
@@ -468,6 +470,7 @@ def fit_code_dataset(out_dir: str | os.PathLike[str], vectors: torch.Tensor, lab
             split ``CodeDataset.split`` gives later); 0 fits on every item.
         seed: seeds k-means and the split.
         num_classes: default ``labels.max() + 1`` (0 without labels).
+        kmeans: more keyword arguments of ``Codebook.fit`` (``batch_size``, ``max_epochs``, ``tol``, ...).
 
     Metrics: ``mse`` (over all items), ``mse_fit``, ``mse_held_out`` (with a split), ``perplexity``,
     ``dead_codes`` and ``top_code_share`` (code usage over all items), ``fit_seconds``, ``num_images``, ``grid``.
@@ -481,7 +484,8 @@ def fit_code_dataset(out_dir: str | os.PathLike[str], vectors: torch.Tensor, lab
     train_idx, val_idx = split_indices(n, val_fraction, seed) if val_fraction else (list(range(n)), [])
     fit_on = vectors[torch.tensor(train_idx)] if val_idx else vectors
     codebook = Codebook.fit(fit_on, num_codes, metric=metric, seed=seed, progress=progress,
-                            description=codebook_description)
+                            description=codebook_description,
+                            **(kmeans or {}))
     codes = codebook.encode(vectors)  # (N, H, W)
     # The split is recorded so that `codegpt train` and `codegpt eval` hold out the same items unasked.
     path = write_code_dataset(

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,19 +75,21 @@ def codes_to_images(codebook: Codebook, codes: torch.Tensor, patch: int = 2) -> 
 
 
 def digits_code_dataset(out_dir: str | os.PathLike[str], num_codes: int = 128, patch: int = 2, seed: int = 0,
-                        val_fraction: float = 0.2, progress: bool = False) -> FittedCodes:
+                        val_fraction: float = 0.2, progress: bool = False,
+                        kmeans: Mapping[str, Any] | None = None) -> FittedCodes:
     """Fit a patch codebook on the digits' training split and write all 1797 images as codes.
 
     Writes ``out_dir/codebook`` and ``out_dir/data`` through ``codegpt.data.fit_code_dataset``: each image
     becomes an (8/p, 8/p) code grid; the validation images (``val_fraction`` split by ``seed``, the split
     ``CodeDataset.split`` gives; 0 for none) stay unseen by the fit. Metrics are on the 0-16 pixel scale.
+    ``kmeans``: more keyword arguments of ``Codebook.fit`` (``batch_size``, ``max_epochs``, ``tol``).
     """
     images, labels = load_digits_images()
     patches = patchify(images, patch)  # checks patch
     side = 8 // patch
     return fit_code_dataset(
         out_dir, patches, labels, num_codes=num_codes, val_fraction=val_fraction, seed=seed,
-        num_classes=10, class_names=DIGITS_CLASS_NAMES, progress=progress,
+        num_classes=10, class_names=DIGITS_CLASS_NAMES, progress=progress, kmeans=kmeans,
         codebook_description=f"{patch}x{patch} pixel patches of scikit-learn's 8x8 digits, values 0-16, "
                              "flattened row-major",
         description=f"scikit-learn digits: {side}x{side} codes of {patch}x{patch} pixel "

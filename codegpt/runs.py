@@ -668,11 +668,14 @@ def render_codes(
 
 
 def save_image_grid(
-    images: np.ndarray | torch.Tensor, path: str | os.PathLike, rows: int, scale: int = 8, pad: int = 2
+    images: np.ndarray | torch.Tensor, path: str | os.PathLike, rows: int, scale: int = 8, pad: int = 2,
+    row_labels: Sequence[str] | None = None,
 ) -> Path:
     """Tile images (N, h, w) or (N, h, w, 3) with values in [0, 1] into ``rows`` rows and write a PNG
     atomically. Each pixel is upscaled ``scale`` times so that small images stay viewable; a grey
-    gutter of ``pad`` pixels separates them (grey: neither the ink nor the paper of any image)."""
+    gutter of ``pad`` pixels separates them (grey: neither the ink nor the paper of any image).
+    ``row_labels`` (one string per row, e.g. the class names) are written in a white margin on the left,
+    in PIL's default font."""
     from PIL import Image
 
     images = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
@@ -689,4 +692,26 @@ def save_image_grid(
     tiles = tiles.reshape(rows, n // rows, *tiles.shape[1:]).transpose(0, 2, 1, 3, 4)
     canvas = np.pad(tiles.reshape(rows * tiles.shape[1], -1, 3), ((0, pad), (0, pad), (0, 0)), constant_values=0.5)
     picture = Image.fromarray((canvas * 255).round().astype(np.uint8))
+    if row_labels is not None:
+        labels = [str(label) for label in row_labels]
+        if len(labels) != rows:
+            raise ValueError(f"row_labels must hold one label per row ({rows}), got {len(labels)}")
+        picture = _label_rows(picture, labels, row_height=h * scale + pad, pad=pad)
     return atomic_write(path, lambda f: picture.save(f, format="PNG"))
+
+
+def _label_rows(picture: Any, labels: list[str], row_height: int, pad: int) -> Any:
+    """``picture`` with a white margin on its left holding ``labels[r]`` beside row ``r``, centred on it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(picture)
+    boxes = [measure.textbbox((0, 0), label, font=font) for label in labels]
+    margin = max(box[2] - box[0] for box in boxes) + 3 * pad
+    out = Image.new("RGB", (picture.width + margin, picture.height), "white")
+    out.paste(picture, (margin, 0))
+    pen = ImageDraw.Draw(out)
+    for r, (label, box) in enumerate(zip(labels, boxes, strict=True)):
+        top = pad + r * row_height + (row_height - pad - (box[3] - box[1])) // 2 - box[1]
+        pen.text((margin - pad - (box[2] - box[0]) - box[0], top), label, fill="black", font=font)
+    return out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -391,7 +393,7 @@ def test_fit_codebook_refuses_a_non_empty_out_and_replaces_it_only_when_told_and
     file = tmp_path / "latents.safetensors"
     save_file({"latents": torch.randn(30, 2, 3, 4, generator=g), "labels": torch.arange(30) % 2}, str(file))
     out = tmp_path / "out"
-    argv = ["fit-codebook", "--latents", str(file), "--out", str(out), "--num-codes", "8"]
+    argv = ["fit-codebook", "--latents", str(file), "--out", str(out), "--num-codes", "8", "--no-progress"]
     assert main(argv) == 0
     before = _snapshot(out)
 
@@ -449,6 +451,11 @@ BAD_FLAGS = [
     (["fit-codebook", "--digits", "--out", "{data}/dataset.json"], "--out"),  # a file where a folder goes
     (["fit-codebook", "--digits", "--out", "{tmp}/new", "--seed", "-2"], "--seed"),
     (["fit-codebook", "--digits", "--out", "{tmp}/new", "--num-codes", "0"], "--num-codes"),
+    (["fit-codebook", "--digits", "--out", "{tmp}/new", "--batch-size", "0"], "--batch-size"),
+    (["fit-codebook", "--digits", "--out", "{tmp}/new", "--max-epochs", "0"], "--max-epochs"),
+    (["fit-codebook", "--digits", "--out", "{tmp}/new", "--tol", "-1"], "--tol"),
+    (["fit-codebook", "--digits", "--out", "{tmp}/new", "--num-threads", "0"], "--num-threads"),
+    (["sample", "{model}", "--class-names", "a,b", "--out", "{tmp}/s.png"], "--class-names"),
 ]
 
 
@@ -475,3 +482,181 @@ def test_a_bug_keeps_its_traceback(tiny_prior, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "sample_classes", broken)
     with pytest.raises(RuntimeError, match="a bug in codegpt"):
         main(["sample", str(tiny_prior), "--out", str(tmp_path / "s.png")])
+
+
+# --- flags as transformers users spell them, every default shown, bars and threads ---------------------------
+
+
+def _commands():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_long_flag_of_every_command_takes_both_spellings():
+    for name, command in _commands().items():
+        for action in command._actions:
+            for flag in (f for f in action.option_strings if f.startswith("--")):
+                for other in ("--" + flag[2:].replace("-", "_"), "--" + flag[2:].replace("_", "-")):
+                    assert command._option_string_actions.get(other) is action, (name, flag, other)
+
+
+def test_transformers_spellings_parse_to_the_same_values():
+    parser = build_parser()
+    ours = parser.parse_args(["train", "--data", "d", "--out", "o", "--steps", "5", "--lr", "0.01", "--batch-size",
+                              "4", "--save-every", "3", "--eval-every", "2", "--log-every", "1", "--no-progress"])
+    theirs = parser.parse_args(["train", "--data", "d", "--output_dir", "o", "--max_steps", "5", "--learning_rate",
+                                "0.01", "--per_device_train_batch_size", "4", "--save_steps", "3", "--eval_steps", "2",
+                                "--logging_steps", "1", "--no_progress"])
+    assert vars(ours) == vars(theirs)
+    fit = parser.parse_args(["fit-codebook", "--digits", "--output_dir", "o", "--num_codes", "4", "--max_epochs", "3",
+                             "--batch_size", "9", "--no_progress", "--num_threads", "1"])
+    assert (fit.out, fit.num_codes, fit.max_epochs, fit.batch_size, fit.no_progress, fit.num_threads) == (
+        "o", 4, 3, 9, True, 1)
+    sample = parser.parse_args(["sample", "m", "--per_class", "2", "--top_k", "3", "--class_names", "a,b"])
+    assert (sample.per_class, sample.top_k, sample.class_names) == (2, 3, ["a", "b"])
+    demo = parser.parse_args(["demo", "--output_dir", "x", "--max_steps", "7"])
+    assert (str(demo.out_dir), demo.steps) == ("x", 7)
+    # An abbreviation matching both spellings of one flag is no ambiguity.
+    assert parser.parse_args(["sample", "m", "--per", "3"]).per_class == 3
+
+
+def test_help_states_every_default():
+    for name, command in _commands().items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if action.default in (None, argparse.SUPPRESS) or action.help == argparse.SUPPRESS:
+                continue
+            text = " ".join(formatter._format_action(action).split())
+            assert "default" in text, (name, action.option_strings, text)
+    # The shape flags of `train` have no default of their own (a resume takes the checkpoint's): their help
+    # says what leaving them out means.
+    help_text = " ".join(_commands()["train"].format_help().split())
+    assert "(default: the checkpoint's with --resume, else 256)" in help_text  # --embed-dim
+    assert "(default: as `accelerate launch` is configured, else no)" in help_text  # --mixed-precision
+
+
+def _bar_marks(text: str) -> list[str]:
+    return [mark for mark in ("%|", "it/s", "step/s", "batch/s", "\u2588") if mark in text]
+
+
+def test_no_progress_and_tqdm_disable_silence_every_bar(small_dataset, tmp_path, capfd, monkeypatch):
+    import huggingface_hub.utils as hub_utils
+
+    import codegpt.cli as cli
+
+    argv = ["train", "--data", str(small_dataset), "--steps", "2", "--batch-size", "8", "--embed-dim", "16",
+            "--layers", "1", "--heads", "2", "--samples-per-class", "1", "--save-every", "1", "--no-estimate"]
+    assert main([*argv, "--out", str(tmp_path / "shown")]) == 0
+    assert _bar_marks(capfd.readouterr().err)  # the check below can fail: by default the bar shows
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    assert _bar_marks(capfd.readouterr().err) == []
+    monkeypatch.delenv("TQDM_DISABLE")
+
+    # Loading the model and saving it anew (the Hub's bars must be off while it runs, and on again after).
+    hub_utils.enable_progress_bars()
+    seen = []
+    prepare = cli.prepare_upload_folder
+    monkeypatch.setattr(cli, "prepare_upload_folder",
+                        lambda *a, **k: seen.append(hub_utils.are_progress_bars_disabled()) or prepare(*a, **k))
+    assert main(["push", str(tmp_path / "run"), "--repo-id", "me/x", "--dry-run", str(tmp_path / "up"),
+                 "--dataset-id", "toy", "--decoder", "one colour per code", "--no-progress"]) == 0
+    assert seen == [True] and not hub_utils.are_progress_bars_disabled()
+    assert main(["sample", str(tmp_path / "run"), "--out", str(tmp_path / "s.png"), "--no-progress"]) == 0
+    assert _bar_marks(capfd.readouterr().err) == []
+
+
+def test_num_threads_applies_to_the_command_only(tiny_prior, tmp_path, monkeypatch):
+    import os
+
+    import codegpt.cli as cli
+
+    before, seen = torch.get_num_threads(), []
+    sample = cli.sample_classes
+    monkeypatch.setattr(cli, "sample_classes", lambda *a, **k: seen.append(
+        (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))) or sample(*a, **k))
+    assert main(["sample", str(tiny_prior), "--out", str(tmp_path / "s.png"), "--num-threads", "1"]) == 0
+    assert seen == [(1, "1")] and torch.get_num_threads() == before
+
+
+def test_the_cpu_preset_sets_defaults_and_given_flags_win():
+    from codegpt.cli import PRESETS, _parse
+
+    args = _parse(["train", "--data", "d", "--out", "o", "--preset", "cpu-small"])
+    for name, value in PRESETS["cpu-small"].items():
+        assert getattr(args, name) == value, name
+    args = _parse(["train", "--data", "d", "--out", "o", "--preset", "cpu-small", "--max-steps", "7", "--heads", "2"])
+    assert (args.max_steps, args.num_heads, args.embed_dim) == (7, 2, 64)
+    assert _parse(["train", "--data", "d", "--out", "o"]).max_steps == 1000
+
+
+def test_the_duration_estimate_leaves_the_run_as_it_would_be(small_dataset, tmp_path, capsys):
+    argv = ["train", "--data", str(small_dataset), "--steps", "3", "--batch-size", "8", "--embed-dim", "16",
+            "--layers", "1", "--heads", "2", "--dropout", "0.1", "--samples-per-class", "1", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"estimate: (about \d+\.\d|less than 0\.1) min for 3 steps", out), out
+    assert main([*argv, "--out", str(tmp_path / "b"), "--no-estimate"]) == 0
+    assert "estimate:" not in capsys.readouterr().out
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "log.jsonl").read_text() == (tmp_path / "b" / "log.jsonl").read_text()
+    assert (tmp_path / "a" / "samples.png").read_bytes() == (tmp_path / "b" / "samples.png").read_bytes()
+
+
+def test_fit_codebook_takes_the_k_means_settings(tmp_path, capsys):
+    file = tmp_path / "latents.safetensors"
+    save_file({"latents": torch.randn(30, 2, 3, 4, generator=torch.Generator().manual_seed(0))}, str(file))
+    argv = ["fit-codebook", "--latents", str(file), "--num-codes", "8", "--batch-size", "7", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--max-epochs", "2", "--tol", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "after 2 epochs (of at most 2)" in captured.out and captured.err == ""
+    assert main([*argv, "--out", str(tmp_path / "b"), "--tol", "1e9"]) == 0
+    assert re.search(r"converged after \d epochs? \(of at most 100\)", capsys.readouterr().out)
+
+
+def test_push_names_every_bad_flag_at_once(tiny_prior, tmp_path, capsys):
+    before = _snapshot(tmp_path)
+    assert main(["push", str(tiny_prior), "--repo-id", "not a repo!", "--license", "MIT", "--class-names", "a,b",
+                 "--grid", "3x3", "--top-p", "2", "--dry-run", str(tmp_path / "up")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "6 problems" in err, err
+    for flag in ("--repo-id", "--license", "--class-names", "--grid", "top_p", "--decoder"):
+        assert flag in err, flag
+    assert _snapshot(tmp_path) == before
+
+
+def test_sample_grids_carry_class_names(tiny_prior, tmp_path):
+    from PIL import Image
+
+    from codegpt.runs import save_image_grid
+
+    plain, named = tmp_path / "plain.png", tmp_path / "named.png"
+    argv = ["sample", str(tiny_prior), "--per-class", "2", "--seed", "3"]
+    assert main([*argv, "--out", str(plain)]) == 0
+    assert main([*argv, "--out", str(named), "--class-names", "cat,dog,bird"]) == 0
+    plain, named = np.asarray(Image.open(plain)), np.asarray(Image.open(named))
+    margin = named.shape[1] - plain.shape[1]
+    assert named.shape[0] == plain.shape[0] and margin > 0
+    assert np.array_equal(named[:, margin:], plain)  # the samples as they were, a margin on their left
+    rows = np.array_split(named[:, :margin].min(axis=2), 3)  # one band per class
+    assert all((band < 100).any() for band in rows)  # ink in every row's label
+
+    images = np.random.default_rng(0).random((4, 3, 3))
+    a = np.asarray(Image.open(save_image_grid(images, tmp_path / "a.png", rows=2, row_labels=["cat", "dog"])))
+    b = np.asarray(Image.open(save_image_grid(images, tmp_path / "b.png", rows=2, row_labels=["dog", "cat"])))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="row_labels"):
+        save_image_grid(images, tmp_path / "c.png", rows=2, row_labels=["cat"])
+
+
+def test_sample_labels_rows_with_the_recorded_dataset_class_names(encoded_run, tmp_path):
+    from PIL import Image
+
+    argv = ["sample", str(encoded_run / "run"), "--per-class", "1"]
+    assert main([*argv, "--out", str(tmp_path / "named.png")]) == 0  # the data records a, b, c
+    assert main([*argv, "--out", str(tmp_path / "other.png"), "--class-names", "x,y,z"]) == 0
+    named, other = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("named", "other"))
+    assert named.shape == other.shape and not np.array_equal(named, other)

@@ -293,3 +293,25 @@ def test_a_codebook_of_another_size_than_the_models_is_refused():
     codebook.check_codebook_size(8)
     with pytest.raises(ValueError, match="num_codes 8 but the model's codebook_size is 16"):
         codebook.check_codebook_size(16)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "list"])
+def test_the_progress_bar_counts_each_epoch_and_closes_at_convergence(kind, capsys):
+    # Separated blobs converge long before max_epochs: the bar must show the epochs that ran and say where it
+    # stopped, never a total of max_epochs epochs' batches.
+    points, _, _ = blobs(spread=1.0)  # 1000 vectors
+    data = points if kind == "tensor" else list(points.split(250))  # 4 batches an epoch either way
+    codebook = Codebook.fit(data, 5, seed=0, batch_size=250, max_epochs=50, tol=1e-6, progress=True)
+    info = codebook.fit_info
+    assert info.converged and 1 < info.epochs < 50
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"k-means epoch {info.epochs} (of at most 50)" in last
+    assert f"converged at epoch {info.epochs}" in last and "4/4" in last
+    assert f"/{50 * 4}" not in err and f"epoch {info.epochs + 1} " not in err
+
+
+def test_no_progress_writes_nothing(capsys):
+    points, _, _ = blobs()
+    Codebook.fit(points, 5, seed=0, progress=False)
+    assert capsys.readouterr().err == ""
