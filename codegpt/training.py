@@ -686,7 +686,8 @@ class _Loop:
                 accelerator.backward(loss)  # scaled by 1 / gradient_accumulation_steps
                 if accelerator.sync_gradients:  # an infinite bound measures the norm and clips nothing
                     norm = accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm or math.inf)
-                    self.grad_norm = norm if norm is not None else self.grad_norm  # DeepSpeed clips itself
+                    if norm is not None:  # DeepSpeed clips itself; under FSDP2 the norm is a DTensor (sharded)
+                        self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
                 self.optimizer.step()  # a no-op until the last micro-batch
                 if accelerator.sync_gradients:
                     self.scheduler.step()
