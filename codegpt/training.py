@@ -618,11 +618,16 @@ def _tracker_config(run_args: dict[str, Any]) -> dict[str, Any]:
     return {k: v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flat.items()}
 
 
+def _base_dataset(dataset: Dataset) -> Dataset:
+    """The dataset under any ``Subset``s (a codegpt.data.CodeDataset knows its grid, codebook and classes)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 def _grid_shape(config: GPTConfig, dataset: Dataset, grid_shape: tuple[int, int] | None) -> tuple[int, int]:
     """The code grid: given, else the dataset's (checked against the model), else square, else one row."""
-    base = dataset
-    while isinstance(base, torch.utils.data.Subset):
-        base = base.dataset
+    base = _base_dataset(dataset)
     data_grid = getattr(base, "grid", None)  # a codegpt.data.CodeDataset knows its grid, codebook and classes
     if data_grid is not None:
         data_grid = (int(data_grid[0]), int(data_grid[1]))
@@ -819,7 +824,10 @@ class _Loop:
                     temperature=args.sample_temperature, seed=args.seed,
                 )
             images = runs.render_codes(codes, self.grid_shape, self.decode, module.config.codebook_size)
-            written = runs.save_image_grid(images, path, rows=module.config.num_classes if classes is not None else 1)
+            rows = module.config.num_classes if classes is not None else 1
+            names = getattr(_base_dataset(self.data.dataset), "class_names", None)  # as `codegpt sample` labels
+            written = runs.save_image_grid(images, path, rows=rows,
+                                           row_labels=names if classes is not None and names else None)
             self.log_image(written)
         self.accelerator.wait_for_everyone()
         return written
