@@ -1133,7 +1133,7 @@ def _metrics_file(path: str) -> dict[str, Any]:
     return found
 
 
-def _push_problems(args: argparse.Namespace, sampling: dict[str, Any]) -> list[str]:
+def _push_problems(args: argparse.Namespace, sampling: dict[str, Any], record: dict[str, Any]) -> list[str]:
     """Every missing or invalid flag of `codegpt push`, found with the checks the card and upload make, before
     anything is written (the library stops at the first; a user wants them all at once)."""
     from .hub import _LICENSE, _check_repo_id, _class_names, _decoder_text, _grid, _results, run_sampling
@@ -1174,7 +1174,7 @@ def _push_problems(args: argparse.Namespace, sampling: dict[str, Any]) -> list[s
     if config is not None:
         check(lambda: _class_names(config, info.class_names), "--class-names")
         check(lambda: _grid(config, info.grid_shape), "--grid")
-        if args.codebook is None and not (run.data or {}).get("codebook"):
+        if args.codebook is None and not record.get("codebook"):  # the run's record (a Hub model: what it ships)
             check(lambda: _decoder_text(config, None, info.decoder))
         check(lambda: dataclasses.replace(run_sampling(training_args, config), **sampling).check(config),
               "sampling flags")
@@ -1186,7 +1186,7 @@ def _run_push(args: argparse.Namespace) -> int:
     sampling = {k: v for k, v in sampling.items() if v is not None}  # replace the run's own settings
     # Default: the codebook and data training saw (a Hub model: the codebook it ships).
     args.model_dir, record = _model_source(args.model_dir, args.revision, "model_dir")
-    problems = _push_problems(args, sampling)
+    problems = _push_problems(args, sampling, record)
     if problems:
         raise CLIError(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} with the flags: "
                        + "; ".join(problems))
