@@ -138,9 +138,7 @@ def ema_rows(shapes: list[str], precisions: list[str], args: argparse.Namespace,
     print("|---|---|---|---|---|---|---|")
     for name in shapes:
         vocab, seq_len, embed, layers, heads, batch = SHAPES[name]
-        ids = torch.randint(0, vocab - 1, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
-        ids[:, 0] = vocab - 1
-        ids = ids.to(device)
+        ids = make_ids(vocab, seq_len, batch, device)
         for precision in precisions:
             plain = build_models(vocab, seq_len, embed, layers, heads, device)["codegpt"]
             averaged = build_models(vocab, seq_len, embed, layers, heads, device)["codegpt"]

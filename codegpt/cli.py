@@ -62,12 +62,19 @@ from .digits import codes_to_images, digits_code_dataset, load_digits_images, pa
 from .evaluation import digit_judge_accuracy, evaluate_prior, fit_digit_judge, fit_image_judge, judge_accuracy
 from .fast.kernels import use_cpu_kernels
 from .hub import (
+    _LICENSE,
     AUTOENCODER_DIR,
     CODEBOOK_DIR,
     CardInfo,
+    _check_repo_id,
+    _class_names,
+    _decoder_text,
+    _grid,
+    _results,
     load_codebook,
     prepare_upload_folder,
     push_to_hub,
+    run_sampling,
     upload_file_names,
 )
 from .images import (
@@ -1136,8 +1143,6 @@ def _metrics_file(path: str) -> dict[str, Any]:
 def _push_problems(args: argparse.Namespace, sampling: dict[str, Any], record: dict[str, Any]) -> list[str]:
     """Every missing or invalid flag of `codegpt push`, found with the checks the card and upload make, before
     anything is written (the library stops at the first; a user wants them all at once)."""
-    from .hub import _LICENSE, _check_repo_id, _class_names, _decoder_text, _grid, _results, run_sampling
-
     problems: list[str] = []
 
     def check(fn: Any, flag: str = "") -> Any:

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from codegpt import GPT, GPTConfig  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_config(**overrides) -> GPTConfig:
@@ -76,28 +77,30 @@ def random_codes():
     return make
 
 
+def _learnable_dataset(path: Path, n: int = 96, codebook_size: int = 16, grid=(2, 4), num_classes: int = 3,
+                       seed: int = 0):
+    from codegpt.data import CodeDataset, write_code_dataset
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    H, W = grid
+    codes = torch.empty(n, H * W, dtype=torch.long)
+    for i in range(n):
+        base = 4 * int(labels[i]) % codebook_size
+        for j in range(H * W):
+            fresh = base + int(torch.randint(0, 4, (), generator=g))
+            repeat = j > 0 and bool(torch.rand((), generator=g) < 0.5)
+            codes[i, j] = codes[i, j - 1] if repeat else fresh
+    write_code_dataset(path, codes.reshape(n, H, W), labels, codebook_size=codebook_size, num_classes=num_classes)
+    return CodeDataset(path)
+
+
 @pytest.fixture
 def learnable_dataset():
     """``learnable_dataset(path, n, codebook_size, grid, num_classes, seed)``: a CodeDataset with
     structure a model can learn: each class draws from its own few codes, and every code repeats
     its left neighbour half of the time."""
-    from codegpt.data import CodeDataset, write_code_dataset
-
-    def make(path: Path, n: int = 96, codebook_size: int = 16, grid=(2, 4), num_classes: int = 3, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        labels = torch.randint(0, num_classes, (n,), generator=g)
-        H, W = grid
-        codes = torch.empty(n, H * W, dtype=torch.long)
-        for i in range(n):
-            base = 4 * int(labels[i]) % codebook_size
-            for j in range(H * W):
-                fresh = base + int(torch.randint(0, 4, (), generator=g))
-                repeat = j > 0 and bool(torch.rand((), generator=g) < 0.5)
-                codes[i, j] = codes[i, j - 1] if repeat else fresh
-        write_code_dataset(path, codes.reshape(n, H, W), labels, codebook_size=codebook_size, num_classes=num_classes)
-        return CodeDataset(path)
-
-    return make
+    return _learnable_dataset
 
 
 @pytest.fixture
@@ -206,3 +209,74 @@ def hub_repo(trained_run, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     return SimpleNamespace(repo_id="toy-org/toy-prior", old=old, new=new, snapshots=repo / "snapshots",
                            codebook=tmp_path / "codebook")
+
+
+_KILL_SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+from codegpt import GPTConfig
+from codegpt.data import CodeDataset
+from codegpt.training import TrainingArguments, train
+
+class Slow(torch.utils.data.Dataset):
+    # Slow enough that the kill lands mid-run, between checkpoints.
+    def __init__(self, base): self.base = base
+    def __len__(self): return len(self.base)
+    def __getitem__(self, i):
+        time.sleep(0.004)
+        return self.base[i]
+
+data, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
+ds = CodeDataset(data)
+config = GPTConfig(vocab_size=ds.vocab_size, seq_len=ds.seq_len, embed_dim=32, num_layers=2, num_heads=2,
+                   class_conditional=True, num_classes=ds.num_classes, embd_dropout=0.2, resid_dropout=0.2,
+                   class_dropout_prob=0.3, tie_word_embeddings=True)
+args = TrainingArguments(output_dir=out, max_steps=30, per_device_batch_size=8, learning_rate=3e-3,
+                         warmup_steps=5, save_every=4, save_total_limit=2, progress=False, resume=resume,
+                         samples_per_class=1, **EXTRA)
+train(args, config, Slow(ds), *([ds] if EVALUATE else []))
+"""
+
+
+def sigkill_and_resume(tmp_path: Path, extra: dict | None = None, evaluate: bool = False) -> tuple[Path, Path]:
+    """The same 30-step run trained twice in subprocesses (40 learnable items: the kill and the resume cross
+    epochs): one to the end, one killed with SIGKILL after its step-8 checkpoint and resumed. ``extra`` are
+    more TrainingArguments, ``evaluate`` scores the training set as held-out data. Returns (the uninterrupted
+    run, the resumed run), having checked that the kill and the resume happened."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from codegpt.runs import newest_checkpoint
+
+    _learnable_dataset(tmp_path / "data", n=40)
+    script = tmp_path / "train_script.py"
+    script.write_text(_KILL_SCRIPT.replace("EXTRA", repr(extra or {})).replace("EVALUATE", repr(evaluate)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def run(out: Path, mode: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), str(tmp_path / "data"), str(out), mode], env=env,
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    reference, victim = run(full, "fresh"), run(killed, "fresh")
+    deadline = time.monotonic() + 120
+    while newest_checkpoint(killed) is None or newest_checkpoint(killed).name < "step-000008":
+        assert victim.poll() is None, f"finished before it could be killed:\n{victim.stdout.read()}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(0.15)  # into the steps after the checkpoint, maybe into the next save
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "model").exists(), "the run was not killed mid-way"
+    killed_at = newest_checkpoint(killed)
+    assert killed_at is not None and killed_at.name < "step-000030"
+
+    resumed = run(killed, "resume")
+    out_resumed, _ = resumed.communicate(timeout=180)
+    out_full, _ = reference.communicate(timeout=180)
+    assert reference.returncode == 0, out_full
+    assert resumed.returncode == 0, out_resumed
+    assert f"resumed from {killed_at}" in out_resumed
+    return full, killed

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigkill_and_resume
 from safetensors.torch import load_file
 
 from codegpt import GPT, GPTConfig
@@ -239,67 +237,8 @@ def test_checkpoints_keep_the_last_k_and_half_written_ones_are_never_picked(tmp_
     assert result.step == 8 and result.resumed_from == newest
 
 
-KILL_SCRIPT = textwrap.dedent(
-    """
-    import sys, time, torch
-    torch.set_num_threads(1)
-    from codegpt import GPTConfig
-    from codegpt.data import CodeDataset
-    from codegpt.training import TrainingArguments, train
-
-    class Slow(torch.utils.data.Dataset):
-        # Slow enough that the kill lands mid-run, between checkpoints.
-        def __init__(self, base): self.base = base
-        def __len__(self): return len(self.base)
-        def __getitem__(self, i):
-            time.sleep(0.004)
-            return self.base[i]
-
-    data, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
-    ds = CodeDataset(data)
-    config = GPTConfig(vocab_size=ds.vocab_size, seq_len=ds.seq_len, embed_dim=32, num_layers=2, num_heads=2,
-                       class_conditional=True, num_classes=ds.num_classes, embd_dropout=0.2, resid_dropout=0.2,
-                       class_dropout_prob=0.3, tie_word_embeddings=True)
-    args = TrainingArguments(output_dir=out, max_steps=30, per_device_batch_size=8, learning_rate=3e-3,
-                             warmup_steps=5, save_every=4, save_total_limit=2, progress=False, resume=resume,
-                             samples_per_class=1)
-    train(args, config, Slow(ds))
-    """
-)
-
-
-def _run(script: Path, *argv: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(script), *argv], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, learnable_dataset):
-    learnable_dataset(tmp_path / "data", n=40)  # 5 batches an epoch: the kill and resume cross epochs
-    script = tmp_path / "train_script.py"
-    script.write_text(KILL_SCRIPT)
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    reference = _run(script, str(tmp_path / "data"), str(full), "fresh")
-    victim = _run(script, str(tmp_path / "data"), str(killed), "fresh")
-
-    deadline = time.monotonic() + 120
-    while newest_checkpoint(killed) is None or newest_checkpoint(killed).name < "step-000008":
-        assert victim.poll() is None, f"finished before it could be killed:\n{victim.stdout.read()}"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    time.sleep(0.15)  # into the steps after the checkpoint, maybe into the next save
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (killed / "model").exists(), "the run was not killed mid-way"
-    killed_at = newest_checkpoint(killed)
-    assert killed_at is not None and killed_at.name < "step-000030"
-
-    resumed = _run(script, str(tmp_path / "data"), str(killed), "resume")
-    out_resumed, _ = resumed.communicate(timeout=180)
-    out_full, _ = reference.communicate(timeout=180)
-    assert reference.returncode == 0, out_full
-    assert resumed.returncode == 0, out_resumed
-    assert f"resumed from {killed_at}" in out_resumed
+def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
+    full, killed = sigkill_and_resume(tmp_path)
 
     a = load_file(full / "model" / "model.safetensors")
     b = load_file(killed / "model" / "model.safetensors")
